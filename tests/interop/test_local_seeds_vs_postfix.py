@@ -312,14 +312,15 @@ def results_of(lines: set[str]) -> set[str]:
 # value naming that file: written, as local(8)'s duplicate filter first meets it there; seed 7045 a member resubmitted
 # by an :include: file and again by a list with an owner- alias met through it: one new message, as local(8)
 # seed 7158 an alias cycle whose :include: file is first read at the nesting limit (its member bounced there, not
-# resubmitted above it), 7031 the names local(8)'s `alias database loop for NAME` lines give at that limit
-CURATED = [2, 33, 7012, 7016, 7045, 7048, 7031, 7158]
+# resubmitted above it), 7031 the names local(8)'s `alias database loop for NAME` lines give at that limit, 7184 a
+# user met there in its own .forward+x (bounced: local(8)'s exp_from is the .forward's recipient, nobody+x)
+CURATED = [2, 33, 7012, 7016, 7045, 7048, 7031, 7158, 7184]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
 # (one). The rest of that seed agrees (docs/transports.md, "## local"). So do seeds 7005, 7024, 7029, 7042, 7067,
-# 7123, 7133, 7136, 7156, 7172 and 7198 (nobody's copies only: a list resubmits two names of nobody's in one new
-# message).
+# 7114, 7123, 7133, 7136, 7156, 7172, 7198, 7219, 7258, 7262, 7269, 7277 and 7300 (nobody's copies only: a list
+# resubmits two names of nobody's in one new message; 7114's also count a notice loop between list owners).
 
 
 # cases written out, each for a rule of local(8)'s duplicate filter that a seed found (seeds hold more than one)

@@ -332,18 +332,18 @@ def forward_reader(user: str, forking: Callable[[], None] = lambda: None) -> tup
 
 @dataclass(frozen=True)
 class _Origin:
-    """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
-    kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
-    "include"), and the address that was expanded. `owner`: the sender of
-    what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
+    """Where an address came from: the alias name, or the local part a .forward was read for (`bob+x` for .forward+x),
+    whose expansion named it (`name`, local(8)'s exp_from), the kind of that expansion ("alias" or "forward"), the
+    source for allow_mail_to_* ("alias", "forward", "include"), and the address that was expanded. `owner`: the
+    sender of what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
     message instead of a delivery here (a mailing list with an owner, or an :include: file; an alias named in an
     :include: file that a user's .forward led to, with no list between, is judged as in the .forward itself:
     local(8)'s deliver_switch looks aliases up before it forwards an :include: file's addresses, and the owner
-    attribute the alias's members meet is then the .forward's user, not an address); `rights`: the system
-    user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs;
-    `forwarder`: the user whose .forward this expansion is in (local(8)'s owner attribute that dotforward sets):
-    a local user reached here other than it is resubmitted, it itself gets its mailbox; `level`: the nesting level
-    local(8) visits the addresses named here at (`_Expansion.first_visit`)."""
+    attribute the alias's members meet is then the .forward's user, not an address); `rights`: the system user whose
+    rights its commands, files and :include: files use (a .forward's owner), None: default_privs; `forwarder`: the
+    user whose .forward this expansion is in (local(8)'s owner attribute that dotforward sets): a local user reached
+    here other than it is resubmitted, it itself gets its mailbox; `level`: the nesting level local(8) visits the
+    addresses named here at (`_Expansion.first_visit`)."""
 
     name: str | None = None
     kind: str = "alias"
@@ -536,7 +536,7 @@ class LocalExpander:
         state.forwards_open.add(path)
         try:
             self._lines(state, addr, forward,
-                        _Origin(user, "forward", "forward", addr, rights=rights,
+                        _Origin(local.lower(), "forward", "forward", addr, rights=rights,
                                 forwarder=user, level=origin.level + MEMBER_LEVELS))
         finally:
             state.forwards_open.discard(path)
