@@ -85,8 +85,9 @@ case; an address resubmitted once, from the sender of the first place naming it,
 whose filter keys the address alone (seed 7045: a list member met again under another list); a command once per
 user whose expansion names it and rights, a file once per rights, a restricted one too: `_privileged`); an
 :include: file met again in the same expansion (one that includes itself, two that include each other) adds nothing,
-as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves,
-EXPANSION_WORK_LIMIT addresses visited (lists of the same members each walked), INCLUDE_DEPTH
+as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT places met (`Met`), EXPANSION_WORK_LIMIT
+addresses visited and destinations met, remote ones too (lists of the same members each walked, a cycle walked to
+the nesting limit, a .forward naming a big alias on each line: bounded by work), INCLUDE_DEPTH
 nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget` (the caller runs it on the
 event loop), an expansion that meets more leaves than that (duplicates counted: the work, not what is kept), that
 would fork a child to read a file with a user's rights, or parse a file or an alias value of more than
@@ -126,9 +127,11 @@ log = logging.getLogger("mailflow.local")
 # members cost ~67 us each to expand (the user's .forward looked for): 100 000 take ~7 s, which the local agent
 # spends in a worker thread, not on the event loop (agent.INLINE_LEAVES).
 EXPANSION_LIMIT = 100_000
-# Addresses visited in one expansion at most (duplicates too: the work, ~19 us each, so ~20 s in a worker thread):
-# past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: l1..ln` with each li naming `u1..un`
-# visits n*n addresses for n leaves kept (as local(8) does, each uj passed over after its first visit).
+# Addresses visited and destinations met in one expansion at most (duplicates too: the work, ~20-30 us each, so up
+# to ~30 s in a worker thread): past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: l1..ln` with
+# each li naming `u1..un` visits n*n addresses for n leaves kept (as local(8) does, each uj passed over after its
+# first visit), a cycle walked to the nesting limit with its remote members met at each level, a .forward naming a
+# big list on each line.
 EXPANSION_WORK_LIMIT = 10 * EXPANSION_LIMIT
 INLINE_VISITS_PER_LEAF = 4  # addresses visited on the event loop per leaf of its budget at most; more: a thread
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
@@ -436,15 +439,19 @@ class _Expansion:
 
     def add(self, leaf: Leaf, key: tuple | None = None) -> None:
         """`leaf` met here under `key` (default: its `identity`), unless its key was met at this place already or
-        outside any file (that Met is always got to first: this one would never count)."""
+        outside any file (that Met is always got to first: this one would never count), or it is a Forward met
+        already (forwards are sent only when nothing defers, when the first place settles its key). Each one met is
+        work (`visited`: a remote member never visits), and at most EXPANSION_LIMIT places are kept."""
+        self.visited()
         self.offered += 1
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
         key = identity(leaf) if key is None else key
-        if (key, self.lines) in self.places or (key, ()) in self.places:
+        if (key, self.lines) in self.places or (key, ()) in self.places or (isinstance(leaf, Forward)
+                                                                            and key in self.kept):
             return
         kept = self.kept.get(key)
-        if kept is None and len(self.kept) >= EXPANSION_LIMIT:
+        if len(self.met) >= EXPANSION_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
         if kept != leaf:  # (else shared: a list's member met on 10 000 lines is one object)
             self.kept[key] = kept = leaf
