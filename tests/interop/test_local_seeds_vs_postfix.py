@@ -379,6 +379,11 @@ WRITTEN = {
         {**{f"c{i}": f"c{i + 1}" for i in range(25)}, "c0": "c1, nobody", "c25": "nobody",
          **{f"e{i}": f"e{i + 1}" for i in range(24)}, "e24": "nobody", "d0": f":include:{spool}/inc/i0"},
         {"i0": "e0\n"}, {}, ["c0", "d0"]),
+    # ... deliver_alias passes over the name the expansion came from (exp_from) before it checks the level, and is
+    # given the local part, then the user: nobody+x met in .forward+x past the limit bounces for nobody
+    "the user met in its .forward+x past the nesting limit": lambda spool, script: Case(
+        {**{f"c{i}": f"c{i + 1}" for i in range(23)}, "c0": "c1, nobody", "c23": "nobody+x"}, {},
+        {".forward+x": "nobody+x"}, ["c0"]),
     # an address is resubmitted once however many lists name it, from the first one's owner (local(8)'s
     # deliver_indirect keys its duplicate filter by the address alone): nobody+x gets one copy, not one per list
     # (seed 7045)

@@ -103,6 +103,16 @@ def test_alias_loop_bounces_as_an_alias_database_loop(tmp_path):
     assert e.expand("bob@example.test") == [Refused("alice@example.test", "5.4.6", "alias database loop for alice")]
 
 
+def test_the_name_an_expansion_came_from_is_passed_over_before_the_nesting_limit(tmp_path):
+    """local(8)'s deliver_alias is given the local part, then the user without its extension, and passes over the
+    name its expansion came from (exp_from) before it checks the level: `bob+x` met in bob's .forward+x past the
+    nesting limit bounces "alias database loop for bob", not for bob+x."""
+    forward_file(tmp_path, "bob", "bob+x\n", name=".forward+x")
+    chain = "".join(f"c{i}: c{i + 1}\n" for i in range(23))
+    e = expander(tmp_path, f"{chain}c23: bob+x\n")
+    assert e.expand("c0@example.test") == [Refused("bob+x@example.test", "5.4.6", "alias database loop for bob")]
+
+
 def test_an_alias_met_again_through_an_include_file_is_expanded_again(tmp_path):
     """local(8) expands an alias met again through an :include: file once more (include.c resets exp_from), under
     that file: its local users resubmitted (bob a new message too, beside his mailbox), the file itself, read

@@ -516,8 +516,9 @@ class LocalExpander:
             return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
-        if origin.level + ALIAS_CHECK_LEVELS > NESTING_LIMIT and (ext or local.lower() != origin.name):
-            state.add(Refused(addr, "5.4.6", f"alias database loop for {local.lower()}"))  # (alias or not)
+        looped = _looked_up_name(local.lower(), user, ext, origin.name)
+        if origin.level + ALIAS_CHECK_LEVELS > NESTING_LIMIT and looped is not None:
+            state.add(Refused(addr, "5.4.6", f"alias database loop for {looped}"))  # (alias or not)
             return
         found = self._rewriter.alias(addr)
         if found is not None and found[1].lower() != origin.name:
@@ -786,6 +787,14 @@ def _include_owner(state: _Expansion, path: str, uid: int) -> str | None:
         state.warn(f"cannot find username for uid {uid}")  # (include.c's two warnings, worded as it words them)
         state.warn(f"{path}: cannot find :include: file owner username")
         raise TemporaryError("4.3.5", "mail system configuration error") from None
+
+
+def _looked_up_name(local: str, user: str, ext: str, exp_from: str | None) -> str | None:
+    """The first name local(8)'s deliver_alias checks the nesting level for: it is given the local part, then (with
+    an extension) the user, and passes over the name its expansion came from (exp_from) before that check, so
+    `bob+x` met in bob's .forward+x past the limit bounces for `bob`; None when both are that name."""
+    names = (local, user) if ext else (local,)
+    return next((name for name in names if name != exp_from), None)
 
 
 def _pass(setting: str, addr: str) -> Pass:
