@@ -366,12 +366,6 @@ WRITTEN = {
     # the nobody a1, a list, names at that level, which is not resubmitted: one copy, not two (seeds 7113, 7116)
     "an address met again at its nesting level": lambda spool, script: Case(
         {"a0": "nobody, a1", "a1": "nobody", "owner-a1": "nobody"}, {}, {".forward": "nobody"}, ["a0"]),
-    # ... but where that level's first place is on a line after one that deferred, local(8) never reads it and meets
-    # the address at the next place: lst (level 9) on .forward+x's second line, after c1 deferred, is met in
-    # .forward, and f0 is written
-    "an address met again at its nesting level after a deferral": lambda spool, script: Case(
-        {"r": "nobody+x, nobody", "lst": f"{spool}/files/f0"}, {},
-        {".forward+x": f'"|{script} c1 75"\nlst', ".forward": "lst"}, ["r"]),
     # ... an :include: file's members are 1 level deeper than the alias's naming it: four nested files name nobody
     # at level 9 (t: a1's nobody was met there, so nothing more), three at level 8 (u: resubmitted, a second copy)
     "include files at the nesting level of an alias member": lambda spool, script: Case(

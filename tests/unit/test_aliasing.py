@@ -690,26 +690,6 @@ def test_remote_members_met_on_each_line_of_a_forward_are_work_and_kept_once(tmp
     assert temporary(excinfo, "4.6.0")
 
 
-def test_an_address_met_again_at_its_level_is_walked_again_only_where_a_deferral_could_part_them(tmp_path,
-                                                                                                  monkeypatch):
-    """An address met again at its nesting level is walked again only at a place a deferral could reach while
-    keeping local(8) from the first (rule 0): not on a later line of the same file (got to only if that one is), so
-    a .forward naming one list on each line walks it once; in another file, again, each Met carrying its visits."""
-    forward_file(tmp_path, "alice", "x@remote.test\n" + "lst\n" * 50)
-    forward_file(tmp_path, "bob", "lst\n")
-    files = ", ".join(str(tmp_path / f"f{i}") for i in range(10))
-    e = expander(tmp_path, f"lst: {files}\nboth: alice, bob\n", allow_mail_to_files=("alias",))
-    visits = []
-    counted = aliasing._Expansion.visited
-    monkeypatch.setattr(aliasing._Expansion, "visited", lambda state: (visits.append(1), counted(state))[1])
-    e.expand_recipient("alice@example.test")
-    assert len(visits) == 1 + 1 + 50 + 10  # alice, x, lst on each line, its members once
-    met, _ = e.expand_recipient("both@example.test")
-    f0 = [m for m in met if isinstance(m.leaf, File) and m.leaf.path.endswith("/f0")]
-    assert [m.place for m in f0] == [((1, 1),), ((2, 0),)]  # (alice's second line, bob's first)
-    assert [m.visits[-1] for m in f0] == [((9, "lst@example.test"), ((1, 1),)), ((9, "lst@example.test"), ((2, 0),))]
-
-
 def test_a_destination_is_met_at_each_place_until_one_outside_any_file(tmp_path):
     """A destination named again is met again at its place (file, line), for the agent to settle its key at the
     first place it gets to; once named outside any file (never stopped) it is met no more, nor twice at one place;

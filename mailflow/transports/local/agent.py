@@ -67,12 +67,11 @@ refused (unknown user, loop, restricted command, a command's permanent failure),
 sent, naming every destination; an expansion that came to nothing (an alias whose one :include: file includes only
 itself) is sent with no log line (`unlogged`), as local(8) returns success for it and logs nothing. A recipient
 deferred forwards nothing (local(8)'s forward_finish cancels the new messages: the retry sends them). Once a
-destination named in a .forward or :include: file defers, those of the file's later lines (`Met.place`) are left
+destination named in a .forward or :include: file defers, those of the file's later lines (`Leaf.lines`) are left
 for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream reads no further line), unless also
 named somewhere not stopped (local(8) meets it there): the places (`aliasing.Met`) are walked in the order local(8)
 reads them and the first one got to settles its key (a file restricted on such a line and allowed after it is
-written; allowed there and restricted after it, refused), and each (level, address) visited on its way
-(`aliasing.Settling`: an alias met on such a line is expanded where local(8) meets it next).
+written; allowed there and restricted after it, refused).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -110,7 +109,7 @@ from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import (ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, OwnedFailure, RcptResult,
                             Recipient)
 from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox, Met,
-                                                Pass, Refused, Settling, first_of_each_key, identity, is_safe_user)
+                                                Pass, Refused, first_of_each_key, identity, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -296,11 +295,12 @@ class LocalTransport:
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
-        settling = Settling()
-        for one in met:
-            if not settling.got_to(one):
+        stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
+        settled: set[tuple] = set()  # the keys got to
+        for leaf, key, place in met:
+            if key in settled or any(line > stopped.get(file, line) for file, line in place):
                 continue
-            leaf = one.leaf
+            settled.add(key)
             tried.append(leaf)
             if isinstance(leaf, Forward):
                 continue
@@ -318,7 +318,8 @@ class LocalTransport:
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append(Part(Outcome.BOUNCED, leaf.dsn, who + leaf.text))
             if parts[-1].outcome is Outcome.DEFERRED:
-                settling.stop(one.place)  # (the place it was read at: its files stop there)
+                for file, line in place:  # (the place it was read at: its files stop there)
+                    stopped.setdefault(file, line)
             owner = leaf.sender if isinstance(leaf, (Command, File, Refused)) else None
             lists.append((owner, leaf.address) if owner is not None else None)
         if any(part.outcome is Outcome.DEFERRED for part in parts):  # local(8)'s forward_finish cancels

@@ -17,10 +17,8 @@ the recipient itself was an alias, a list with an owner- alias or a user with a 
 Rules, as local(8):
 0. An address met again at a nesting level it was met at already in the expansion gets nothing more, as local(8)'s
    duplicate filter keys it ("recipient LEVEL ADDRESS"; `MEMBER_LEVELS`, `INCLUDE_LEVELS`): a list's member
-   resubmitted settles it for that name met later in a .forward at that level (seeds 7113, 7116). Where the first
-   place is on a line a deferral may keep local(8) from reading, one met again where that deferral would not stop it
-   is walked again, each `Met` carrying the visits on its path (`Met.visits`) for the agent to settle each
-   (level, address) at the first place it gets to (`Settling`), as local(8) meets it there.
+   resubmitted settles it for that name met later in a .forward at that level (seeds 7113, 7116). (Where the first
+   place is on a line a deferral keeps local(8) from reading, it still settles it here.)
 1. An address already named in a `Delivered-To:` header of the message is a forwarding loop (5.4.6).
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
    An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
@@ -209,45 +207,17 @@ class Met(NamedTuple):
     leaf: Leaf
     key: tuple
     place: Lines
-    visits: tuple[tuple[tuple[int, str], Lines], ...] = ()  # each (level, address) visited on the way here, outermost
-    # first, with the place it was visited at: one visited again at another place walks it again (rule 0)
-
-
-def _stopped(place: Lines, stops: dict[int, int]) -> bool:
-    return any(line > stops.get(file, line) for file, line in place)
-
-
-class Settling:
-    """local(8)'s duplicate filter as the local agent walks the places (`Met`) in their order: a (level, address)
-    visit is settled at the first place got to that visits it, a key at the first place got to that meets it; a
-    place on a line after one that deferred in its file is not got to (`stop`)."""
-
-    def __init__(self) -> None:
-        self.stops: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
-        self.keys: set[tuple] = set()
-        self.visits: dict[tuple[int, str], Lines] = {}  # each (level, address) visited: the place it was got to at
-
-    def got_to(self, met: Met) -> bool:
-        """Whether `met` is got to and settles its key: each visit on its path settled at its place (the outer
-        ones settled here though an inner one was got to elsewhere), its own place not stopped, its key new."""
-        for visit, place in met.visits:
-            if _stopped(place, self.stops) or self.visits.setdefault(visit, place) != place:
-                return False
-        if met.key in self.keys or _stopped(met.place, self.stops):
-            return False
-        self.keys.add(met.key)
-        return True
-
-    def stop(self, place: Lines) -> None:
-        """What was met at `place` deferred: the later lines of its files are not got to."""
-        for file, line in place:
-            self.stops.setdefault(file, line)
 
 
 def first_of_each_key(met: list[Met]) -> list[Leaf]:
     """The leaf of each key's first place: what is delivered when nothing defers."""
-    settling = Settling()
-    return [m.leaf for m in met if settling.got_to(m)]
+    settled: set[tuple] = set()
+    leaves = []
+    for leaf, key, _ in met:
+        if key not in settled:
+            settled.add(key)
+            leaves.append(leaf)
+    return leaves
 
 
 def read_small_file(path: Path) -> str | None:
@@ -419,13 +389,10 @@ class _Expansion:
         self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
-        self.recipients: dict[tuple[int, str], list[Lines]] = {}  # (level, address) of each address visited
-        # (local(8)'s "recipient LEVEL ADDRESS"): the places it was walked at
-        self.path: tuple[tuple[tuple[int, str], Lines], ...] = ()  # the visits being walked now (`Met.visits`)
-        self.walked_again = 0  # how many of them were walked again at another place (rule 0)
+        self.recipients: set[tuple[int, str]] = set()  # (level, address) of each address visited (local(8)'s
+        # "recipient LEVEL ADDRESS")
         self.met: list[Met] = []  # in the order local(8) would read them
-        self.places: set[tuple] = set()  # (key, place, id of its path) of each Met; (key,) once met where it is
-        # always got to first (outside any file, on no path walked again)
+        self.places: set[tuple[tuple, Lines]] = set()  # (key, place) of each Met
         self.kept: dict[tuple, Leaf] = {}  # by key: the leaf last met (its Mets share it while it stays the same)
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
@@ -446,16 +413,15 @@ class _Expansion:
         if self.visits > EXPANSION_WORK_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion visited more than {EXPANSION_WORK_LIMIT} addresses")
 
-    def walks(self, visit: tuple[int, str]) -> bool:
-        """Whether `visit` (level, address case folded) is walked here: local(8)'s duplicate filter passes over an
-        address met again at a nesting level it was met at already ("recipient LEVEL ADDRESS"), whatever leads there
-        (a list's member resubmitted settles it for the same name met later in a .forward at that level, which then
-        gives no mailbox: seeds 7113, 7116); walked again here only when no place it was walked at is got to
-        whenever this one is (`_covers`): a deferral may keep local(8) from them and not from here."""
-        walked = self.recipients.setdefault(visit, [])
-        if any(_covers(place, self.lines) for place in walked):
+    def first_visit(self, level: int, addr: str) -> bool:
+        """Whether `addr` is visited at `level` for the first time in this expansion: local(8)'s duplicate filter
+        passes over an address met again at a nesting level it was met at already ("recipient LEVEL ADDRESS", case
+        folded), whatever leads there (a list's member resubmitted settles it for the same name met later in a
+        .forward at that level, which then gives no mailbox: seeds 7113, 7116)."""
+        key = (level, addr.lower())
+        if key in self.recipients:
             return False
-        walked.append(self.lines)
+        self.recipients.add(key)
         return True
 
     def parsing(self, size: int) -> None:
@@ -481,28 +447,16 @@ class _Expansion:
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
         key = identity(leaf) if key is None else key
-        if ((key,) in self.places or (key, self.lines, id(self.path)) in self.places
-                or (isinstance(leaf, Forward) and key in self.kept)):
+        if (key, self.lines) in self.places or (key, ()) in self.places or (isinstance(leaf, Forward)
+                                                                            and key in self.kept):
             return
         kept = self.kept.get(key)
         if len(self.met) >= EXPANSION_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
         if kept != leaf:  # (else shared: a list's member met on 10 000 lines is one object)
             self.kept[key] = kept = leaf
-        self.places.add((key,) if not self.lines and not self.walked_again else (key, self.lines, id(self.path)))
-        self.met.append(Met(kept, key, self.lines, self.path))  # (the Met keeps its path alive: its id stays its)
-
-
-def _covers(walked: Lines, place: Lines) -> bool:
-    """Whether a walk at `walked` is got to whenever `place` is: `place` is on its line or a later one of the same
-    file (or in what that line leads to), or `walked` is outside any file."""
-    if not walked:
-        return True
-    depth = len(walked) - 1
-    if len(place) <= depth or place[:depth] != walked[:depth]:
-        return False
-    (file, line), (other_file, other_line) = walked[depth], place[depth]
-    return file == other_file and line <= other_line
+        self.places.add((key, self.lines))
+        self.met.append(Met(kept, key, self.lines))
 
 
 def identity(leaf: Leaf) -> tuple:
@@ -555,20 +509,8 @@ class LocalExpander:
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         state.visited()
-        visit = (origin.level, addr.lower())
-        again = visit in state.recipients
-        if not state.walks(visit):
+        if not state.first_visit(origin.level, addr):
             return
-        outer = state.path
-        state.path = outer + ((visit, state.lines),)
-        state.walked_again += again
-        try:
-            self._walk(state, addr, origin)
-        finally:
-            state.path = outer
-            state.walked_again -= again
-
-    def _walk(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         if addr.lower() in state.delivered_to:
             state.add(Refused(addr, "5.4.6", f"mail forwarding loop for {addr}"))
             return
