@@ -1137,7 +1137,9 @@ def test_a_kill_of_the_servers_process_group_mid_append_leaves_the_file_whole_or
     archive.write_bytes(before)
     archive.chmod(0o666)
     marker = public_dir / "marker"
-    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(archive), str(marker)], start_new_session=True)
+    repo = str(Path(__file__).resolve().parents[2])  # (the child imports tests.*, which "" on its path no longer finds)
+    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(archive), str(marker)], start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": repo})
     try:
         for _ in range(1200):  # (two interpreters start: seconds on a loaded machine)
             if marker.exists() and marker.read_text():
