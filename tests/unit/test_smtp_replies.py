@@ -359,6 +359,8 @@ def test_rcpt_command_has_dsn_parameters_only_for_a_peer_that_offers_dsn():
 
 def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
     assert xtext("a+b=c d\x01é") == "a+2Bb+3Dc+20d+01+C3+A9"
+    assert [xtext(t) for t in ("a+b", "a=b", "a\x7fb", "é", "!*,<>~@x.test", "")] == \
+        ["a+2Bb", "a+3Db", "a+7Fb", "+C3+A9", "!*,<>~@x.test", ""]  # (each alone: the as-is shortcut's edges)
     req = DeliveryRequest("Q", "s@x.test", (), "x.test", b"", envid="id=1 +", ret="hdrs")
     assert dsn_mail_params(req) == [b"RET=HDRS", b"ENVID=id+3D1+20+2B"]
     assert dsn_mail_params(DeliveryRequest("Q", "s@x.test", (), "x.test", b"")) == []

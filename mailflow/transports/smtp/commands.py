@@ -239,8 +239,13 @@ def dsn_rcpt_params(recipient: Recipient, smtputf8: bool = False) -> list[bytes]
 
 
 
+_XTEXT_AS_IS = re.compile(r"[!-*,-<>-~]*")  # printable ASCII but "+" (0x2B) and "=" (0x3D)
+
+
 def xtext(text: str) -> str:
     """RFC 3461 xtext: printable ASCII but '+' and '=' as is, every other byte (of the UTF-8) as +HH."""
+    if _XTEXT_AS_IS.fullmatch(text):  # (most addresses: no character to quote, no walk over each)
+        return text
     return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
                    for b in text.encode("utf-8"))
 
