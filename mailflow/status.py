@@ -192,11 +192,12 @@ def error_reply(error: BaseException, address: str = "") -> Reply:
 # "Sender address", "Client host", "Helo command", "Data command", "End-of-data").
 
 def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str, error_class: str = "policy") -> Reply:
-    """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer (`name` made
-    printable, a space for a control as Postfix's smtpd_check_reject: a reply line cannot be split by what a
-    client chose, such as its certificate's name; the enhanced code takes the code's class, as there: a code
-    setting of 4xx makes `REJECT 5.1.2` 4.1.2); filed under `error_class` (Reply.error_class)."""
-    return Reply(code, f"{code // 100}{dsn[1:]}", f"<{printable(name, ' ')}>: {what} rejected: {text}",
+    """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer (`name` and `text`
+    made printable, a space for a control as Postfix's smtpd_check_reject: a reply line cannot be split or garbled
+    by what a client chose, such as its certificate's name, or by what a policy server answered, a CR or a NUL; the
+    enhanced code takes the code's class, as there: a code setting of 4xx makes `REJECT 5.1.2` 4.1.2); filed under
+    `error_class` (Reply.error_class)."""
+    return Reply(code, f"{code // 100}{dsn[1:]}", printable(f"<{name}>: {what} rejected: {text}", " "),
                  error_class=error_class)
 
 

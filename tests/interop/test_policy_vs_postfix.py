@@ -26,6 +26,9 @@ ANSWERS = {  # the recipient's local part -> what the policy server answers for 
     "unknown-defer-if-reject": "DEFER_IF_REJECT 4.2.0 soft",  # (unknown-*: no such user, a later refusal)
     "unknown-defer-if-reject-without-text": "DEFER_IF_REJECT",
     "unknown-postgrey": "DEFER_IF_PERMIT 4.2.0 Greylisted, see http://postgrey.schweikert.ch/help/local.test.html",
+    # controls in the text (a broken or hostile server): each a space, the reply one printable line
+    "reject-with-controls": "REJECT 5.7.1 a\rb\x01c\td\x7fe",
+    "defer-with-controls": "DEFER a\x1bb",
 }
 MALFORMED = {  # answers Postfix warns about and takes as DUNNO (the next item, `reject`, decides), or as OK
     "prepend-without-header": "PREPEND",
@@ -101,6 +104,8 @@ async def test_policy_answers_give_the_replies_postfix_gives(mailflow_server):
     assert postfix["unknown-defer-if-reject"] == \
         "450 4.2.0 <unknown-defer-if-reject@local.test>: Recipient address rejected: soft"
     assert postfix["unknown-postgrey"].startswith("450 4.2.0 ")  # before the implied unknown-user check
+    assert postfix["reject-with-controls"] == \
+        "554 5.7.1 <reject-with-controls@local.test>: Recipient address rejected: a b c d e"
 
 
 async def test_malformed_answers_are_taken_as_postfix_takes_them(mailflow_server):
