@@ -15,8 +15,9 @@ the message; spamd answers `SPAMD/1.1 0 EX_OK`, a `Spam: True ; 1004.2 / 5.0` he
 of its body), an empty line and the names of the rules that hit, comma-separated. A code other than 0
 (`SPAMD/1.0 76 Bad header line: ...`) is a failure.
 clamd: `zINSTREAM`, then chunks each preceded by its 4-byte length, then a zero length; it answers
-`stream: OK` or `stream: NAME FOUND` (NUL-terminated); a message over `size_limit` is not scanned (clamd's own
-StreamMaxLength would refuse it).
+`stream: OK` or `stream: NAME FOUND` (NUL-terminated; NAME kept to VIRUS_NAME_LIMIT characters, each one that
+is not printable ASCII a `?`: it goes into X-Virus-Status and the reply); a message over `size_limit` is not
+scanned (clamd's own StreamMaxLength would refuse it).
 
 Failure behaviour: nothing raises for a scanner that is down, slow or answers nonsense: `ScanResult.failed`
 says why (the caller applies the section's `on_failure`: accept or tempfail). OSError from reading a spooled
@@ -37,6 +38,7 @@ CLAMD_CHUNK = 64 * 1024
 REPLY_LIMIT = 64 * 1024  # the most read of a scanner's reply: a line, spamd's headers, its list of rules
 SPAMD_HEADER_LINES = 32  # spamd sends two; more is not spamd
 RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a SpamAssassin rule name (anything else is dropped)
+VIRUS_NAME_LIMIT = 100  # characters of clamd's name for what it found that are kept (its signatures' are shorter)
 
 
 @dataclass(frozen=True)
@@ -179,5 +181,11 @@ def parse_clamd_reply(answer: str) -> ScanResult:
     if text == "OK":
         return ScanResult()
     if text.endswith(" FOUND"):
-        return ScanResult(found=True, name=text[:-6])
+        return ScanResult(found=True, name=_printable_ascii(text[:-6][:VIRUS_NAME_LIMIT]))
     return ScanResult(failed=f"clamd: {answer[:200]}")
+
+
+def _printable_ascii(text: str) -> str:
+    """`text` with each character that is not printable ASCII made a `?`: a name that goes into a header line and
+    a reply, where a CR LF would begin a header or a reply line of the scanner's choosing."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)

@@ -10,8 +10,9 @@ import pytest
 
 from mailflow.config.filters import ClamdConfig, SpamdConfig
 from mailflow.content import Content
-from mailflow.filters.scanners import REPLY_LIMIT, Clamd, ScannerError, Spamd, parse_clamd_reply, parse_spamd_reply
-from tests.support import free_port, spooled
+from mailflow.filters.scanners import (REPLY_LIMIT, VIRUS_NAME_LIMIT, Clamd, ScannerError, Spamd, parse_clamd_reply,
+                                       parse_spamd_reply)
+from tests.support import eventually, free_port, maildir_messages, send, spooled
 
 MESSAGE = b"From: <s@example.test>\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -154,3 +155,21 @@ async def test_clamd_silent_or_babbling_is_a_failure():
 def test_the_clamd_reply_parser():
     assert parse_clamd_reply("stream: OK") == parse_clamd_reply("OK")
     assert parse_clamd_reply("INSTREAM size limit exceeded. ERROR").failed.startswith("clamd: INSTREAM size")
+
+
+async def test_a_virus_name_with_a_line_end_or_controls_stays_inside_its_one_header_line(mailflow_server, tmp_path):
+    """clamd's name reaches X-Virus-Status (action tag) and the reply: a broken or hostile clamd's CR LF there added
+    a header of its choosing to the message, and 60 000 characters made one header line of them."""
+    hostile = b"stream: Evil.Sig\r\nX-Injected: yes\x01 FOUND\0"
+    long_name = b"stream: " + b"N" * 60_000 + b" FOUND\0"
+    for reply, expected in ((hostile, b"X-Virus-Status: Infected (Evil.Sig??X-Injected: yes?)\n"),
+                            (long_name, b"X-Virus-Status: Infected (" + b"N" * VIRUS_NAME_LIMIT + b")\n")):
+        mailbox = tmp_path / "mail" / "alice" / "Maildir"
+        for old in (mailbox / "new").glob("*"):
+            old.unlink()
+        async with ScriptedScanner(reply, clamd_request) as peer:
+            mf = await mailflow_server(clamd={"address": peer.address, "action": "tag"})
+            await send(mf.smtp_addresses[0][1], "s@example.test", ["alice@local.test"], MESSAGE)
+            data = (await eventually(lambda: maildir_messages(mailbox)))[0]
+            await mf.stop()
+        assert expected in data and b"\nX-Injected" not in data, data[:400]
