@@ -123,8 +123,12 @@ class Spamd(StreamScanner):
         await writer.drain()
         status = await reader.readline()
         headers: dict[str, str] = {}
+        unread = REPLY_LIMIT - len(status)  # the status line and the headers together (each line alone is bounded)
         for _ in range(SPAMD_HEADER_LINES):
             line = await reader.readline()
+            unread -= len(line)
+            if unread < 0:
+                raise ScannerError(f"a status line and headers longer than {REPLY_LIMIT} bytes")
             if not line.strip():
                 break
             name, _, value = line.decode("latin-1").partition(":")
