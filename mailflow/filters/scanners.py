@@ -26,6 +26,7 @@ message is a failure too.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -154,8 +155,11 @@ def parse_spamd_reply(status: bytes, headers: dict[str, str], body: bytes) -> Sc
         raise ScannerError("no Spam header in the reply")
     flag, _, scores = spam.partition(";")
     score, _, threshold = scores.partition("/")
+    numbers = float(score), float(threshold)
+    if not all(math.isfinite(n) for n in numbers):  # (float() takes nan, inf and 1e999: no score spamd gives)
+        raise ScannerError(f"a score that is no number: {spam[:80]!r}")
     rules = ",".join(r for r in (r.strip() for r in body.decode("latin-1").split(",")) if RULE_NAME.fullmatch(r))
-    return ScanResult(found=flag.strip().lower() in ("true", "yes"), score=float(score), threshold=float(threshold),
+    return ScanResult(found=flag.strip().lower() in ("true", "yes"), score=numbers[0], threshold=numbers[1],
                       name=rules)
 
 

@@ -131,6 +131,9 @@ def test_the_spamd_reply_parser():
     assert not parse_spamd_reply(ok, {"spam": "False ; 0.0 / 5.0"}, b"").found
     with pytest.raises(ScannerError):
         parse_spamd_reply(ok, {}, b"")
+    for malformed in ("True ; nan / 5.0", "True ; inf / 5.0", "False ; 1.0 / 1e999"):  # (each a float() takes)
+        with pytest.raises(ScannerError, match="no number"):
+            parse_spamd_reply(ok, {"spam": malformed}, b"")
     with pytest.raises(ScannerError):
         parse_spamd_reply(b"RSPAMD/3 0 OK\r\n", {"spam": "True ; 1 / 5"}, b"")
 
