@@ -7,8 +7,9 @@
 
 What both share (`StreamScanner`): the endpoint (`host:port` or `unix:/path`), one connection per message, the
 size limit (a bigger message is passed unscanned, `scanned=False`, as spamc does), one deadline (`timeout`)
-for the whole exchange, the content streamed from its Content chunk by chunk (a spooled message is never read
-whole), and a reply read up to REPLY_LIMIT bytes at most.
+for the whole exchange (at a failure the connection is aborted, what is unsent dropped: nothing outlives it),
+the content streamed from its Content chunk by chunk (a spooled message is never read whole), and a reply read
+up to REPLY_LIMIT bytes at most.
 
 spamd (SpamAssassin's SPAMC/SPAMD protocol 1.5): `SYMBOLS SPAMC/1.5`, a `Content-length` header, an empty line,
 the message; spamd answers `SPAMD/1.1 0 EX_OK`, a `Spam: True ; 1004.2 / 5.0` header (and the Content-length
@@ -88,9 +89,12 @@ class StreamScanner:
         else:
             reader, writer = await asyncio.open_connection(*self._endpoint, limit=REPLY_LIMIT)
         try:
-            return await self._exchange(reader, writer, content)
-        finally:
-            writer.close()
+            result = await self._exchange(reader, writer, content)
+        except BaseException:  # a failure, or the timeout's cancellation: what is unsent is dropped (a close would
+            writer.transport.abort()  # keep the socket, and that, for as long as a peer that stopped reading keeps it)
+            raise
+        writer.close()
+        return result
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         content: Content) -> ScanResult:

@@ -4,6 +4,7 @@ test_real_filters.py): what goes on the wire, how replies are read, and that eve
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
 import pytest
@@ -179,3 +180,38 @@ async def test_a_virus_name_with_a_line_end_or_controls_stays_inside_its_one_hea
             data = (await eventually(lambda: maildir_messages(mailbox)))[0]
             await mf.stop()
         assert expected in data and b"\nX-Injected" not in data, data[:400]
+
+
+class DeafScanner:
+    """A scanner that takes connections and never reads from them (hung, or overloaded), keeping them open."""
+
+    def __init__(self) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> "DeafScanner":
+        self.server = await asyncio.start_server(lambda _, writer: self.connections.append(writer), "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for writer in self.connections:
+            writer.close()
+        self.server.close()
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("scanner", [Spamd, Clamd])
+async def test_a_scanner_that_stops_reading_keeps_no_connection_past_the_timeout(tmp_path, scanner):
+    """The message is streamed until the peer stops taking it; at the timeout what is still unsent is dropped and
+    the connection closed at once: a close that waited to send it kept the socket (and its buffer) as long as
+    the peer kept it open, one per message scanned, until the server ran out of descriptors."""
+    content = spooled(tmp_path, MESSAGE + b"z" * 20_000_000)  # past what the sockets' buffers take
+    config = SpamdConfig if scanner is Spamd else ClamdConfig
+    async with DeafScanner() as peer:
+        before = len(os.listdir("/proc/self/fd"))
+        result = await scanner(config(address=peer.address, timeout=0.5, size_limit=30_000_000)).check(content)
+        assert result.failed.endswith(": timeout")
+        await asyncio.sleep(0.2)  # (the peer's side of the connection stays open: it is held here)
+        assert len(os.listdir("/proc/self/fd")) == before + len(peer.connections) == before + 1
