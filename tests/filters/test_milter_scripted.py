@@ -16,6 +16,7 @@ import pytest
 from mailflow import status
 from mailflow.maildrop import MaildropMessage, write_maildrop
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
+from tests.support.ports import sockets_to
 from tests.support.milters import HANG, Drip, Held, optneg, replycode, reply, scripted_milter
 
 MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
@@ -732,3 +733,33 @@ async def test_under_soft_bounce_a_milters_own_550_with_a_percent_is_a_4xx(mailf
         await client.close()
     rejects = [r.getMessage() for r in caplog.records if "reject: RCPT from" in r.getMessage()]
     assert rejects and all("450 4.7.1 go away" in line for line in rejects), rejects
+
+
+async def test_a_milter_that_stops_reading_keeps_no_connection_past_the_session(mailflow_server):
+    """A milter that asks for no replies and then stops reading: the message's body fills the sockets' buffers,
+    content_timeout ends the wait (451 4.7.1), and the connection is closed with what is unsent dropped; a close
+    that waited to send it kept the socket and its buffer as long as the milter kept the connection open."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4 + 13)  # the negotiation; then nothing is read again
+        no_replies = 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x40000 | 0x80000 | 0x80  # NR_* of every event
+        writer.write(optneg(protocol=no_replies))
+        connections.append(writer)
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [f"inet:127.0.0.1:{port}"]},
+                                   milter={"content_timeout": "1s"})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        body = b"z" * 998 + b"\r\n"
+        assert await client.send_message(MESSAGE + body * 8000) == status.FILTER_UNAVAILABLE
+        await client.close()
+        assert len(connections) == 1 and sockets_to(port) == 1
+        await asyncio.sleep(1.5)  # (the close's wait for the milter to take what was sent: 1 s)
+        assert sockets_to(port) == 0  # (the milter's own side is still held open by `deaf`)
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()

@@ -9,11 +9,14 @@
   bind-free is promised.)
 - `accepts(port, host)`: True when something accepts a connection on host:port now (127.0.0.1 unless told): a
   listener that has started.
+- `sockets_to(port)`: how many sockets of this process are connected to 127.0.0.1:port (its side of each
+  connection it opened to a peer listening there, whatever its TCP state): what a closed client still holds.
 - `LOOPBACK_NAME`: the name smtpd gives a client on 127.0.0.1 (its name in /etc/hosts, usually "localhost";
   "unknown" without one), and `LOOPBACK_CLIENT`, the `name[127.0.0.1]` of logs and transcripts.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -93,3 +96,17 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(1)
         return s.connect_ex((host, port)) == 0
+
+
+def sockets_to(port: int) -> int:
+    """See the module doc: this process's descriptors (/proc/self/fd) whose socket's remote end (/proc/net/tcp) is
+    127.0.0.1:port."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    remote = f"0100007F:{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if (fields := line.split())[2] == remote and fields[9] in inodes)

@@ -254,8 +254,8 @@ class MilterConnection:
             writer.close()
             async with asyncio.timeout(1.0):
                 await writer.wait_closed()
-        except (OSError, TimeoutError):
-            pass
+        except (OSError, TimeoutError):  # a milter that does not take what is still unsent: it is dropped (the
+            writer.transport.abort()  # close would keep the socket for as long as the milter keeps it open)
 
     async def _event_reply(self, timeout: float) -> tuple[p.Reply, str | None]:
         """An event's final reply, read past the quarantines before it (each one's reason kept: the last)."""
