@@ -134,6 +134,10 @@ class Spamd(StreamScanner):
             unread -= len(line)
             if unread < 0:
                 raise ScannerError(f"a status line and headers longer than {REPLY_LIMIT} bytes")
+            # closed within the headers: the Spam header may have come whole, the reply did not (an error's status
+            # line comes alone, and the close after it is its end)
+            if (line or headers) and not line.endswith(b"\n"):
+                raise asyncio.IncompleteReadError(line, None)
             if not line.strip():
                 break
             name, _, value = line.decode("latin-1").partition(":")

@@ -113,8 +113,10 @@ async def test_spamd_down_silent_or_babbling_is_a_failure_within_the_timeout():
     # headers each within the limit, together past it (32 of them held 2 MB of one reply)
     many = b"SPAMD/1.1 0 EX_OK\r\n" + b"".join(b"X-%d: %b\r\n" % (i, b"a" * 30_000) for i in range(3)) + \
         b"Spam: True ; 1 / 5\r\n\r\n"
-    for reply in (endless, too_long_body, cut, many, b"HTTP/1.1 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\n\r\n",
-                  b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; x / 5\r\n\r\n"):
+    # closed before the empty line that ends the headers: a verdict that came whole, in a reply that did not
+    closed = b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 0.1 / 5.0\r\n"
+    for reply in (endless, too_long_body, cut, many, closed, closed + b"Content-le", b"HTTP/1.1 200 OK\r\n\r\n",
+                  b"SPAMD/1.1 0 EX_OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; x / 5\r\n\r\n"):
         async with ScriptedScanner(reply, spamd_request) as peer:
             result = await spamd(peer.address, timeout=5).check(Content.of(MESSAGE))
         assert result.failed.startswith("spamd: ") and not result.found, (reply[:60], result)
