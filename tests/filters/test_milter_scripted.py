@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from mailflow import status
+from mailflow.filters.milter.client import MilterConnection, MilterSettings
 from mailflow.maildrop import MaildropMessage, write_maildrop
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
 from tests.support.ports import sockets_to
@@ -733,6 +734,35 @@ async def test_under_soft_bounce_a_milters_own_550_with_a_percent_is_a_4xx(mailf
         await client.close()
     rejects = [r.getMessage() for r in caplog.records if "reject: RCPT from" in r.getMessage()]
     assert rejects and all("450 4.7.1 go away" in line for line in rejects), rejects
+
+
+async def test_a_cancelled_close_of_a_milter_that_stopped_reading_keeps_no_connection():
+    """The close of a milter's connection cancelled while it waits for the milter to take what is unsent (the
+    session stopped): the connection is dropped all the same, or its socket and buffer stayed as long as the
+    milter kept the connection open."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4 + 13)  # the negotiation; then nothing is read again
+        writer.write(optneg())
+        connections.append(writer)
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        milter = MilterConnection(f"inet:127.0.0.1:{port}", MilterSettings("tempfail", 6, 2.0, 2.0, 2.0))
+        await milter.open()
+        milter.write(b"z" * 20_000_000)  # more than the sockets' buffers take: the close waits to send it
+        closing = asyncio.create_task(milter.close())
+        await asyncio.sleep(0.3)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        await eventually(lambda: sockets_to(port) == 0, timeout=5)
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
 
 
 async def test_a_milter_that_stops_reading_keeps_no_connection_past_the_session(mailflow_server):

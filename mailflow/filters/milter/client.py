@@ -256,6 +256,9 @@ class MilterConnection:
                 await writer.wait_closed()
         except (OSError, TimeoutError):  # a milter that does not take what is still unsent: it is dropped (the
             writer.transport.abort()  # close would keep the socket for as long as the milter keeps it open)
+        except BaseException:  # the close cancelled (a stop): dropped too, as the cancellation goes on
+            writer.transport.abort()
+            raise
 
     async def _event_reply(self, timeout: float) -> tuple[p.Reply, str | None]:
         """An event's final reply, read past the quarantines before it (each one's reason kept: the last)."""
