@@ -51,7 +51,7 @@ def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():
     n = p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
     assert n.actions == p.OFFERED_ACTIONS and n.protocol == p.OFFERED_PROTOCOL  # rspamd's extra bits dropped
     assert not n.answers(p.RCPT) and n.skips(p.HELO)
-    assert n.macros[p.MAIL] == ("mail_addr", "i")
+    assert n.macros[p.MAIL] == {"mail_addr", "i"}
     with pytest.raises(p.ProtocolError):
         p.Negotiated.from_reply(p.Reply(p.CONTINUE))
 
@@ -62,10 +62,10 @@ def test_macro_lists_are_split_on_commas_and_blanks_and_the_last_list_of_a_stage
     def lists(*pairs: tuple[int, bytes]) -> dict:
         payload = struct.pack("!III", 6, 0, 0) + b"".join(struct.pack("!I", s) + n + b"\0" for s, n in pairs)
         return p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload)).macros
-    assert lists((3, b"{rcpt_addr},i")) == {p.RCPT: ("rcpt_addr", "i")}
+    assert lists((3, b"{rcpt_addr},i")) == {p.RCPT: {"rcpt_addr", "i"}}
     assert lists((2, b"{mail_addr}"), (2, b"")) == {}
-    assert lists((2, b""), (2, b"i")) == {p.MAIL: ("i",)}
-    assert lists((2, b" ,\t")) == {p.MAIL: ()}
+    assert lists((2, b""), (2, b"i")) == {p.MAIL: {"i"}}
+    assert lists((2, b" ,\t")) == {p.MAIL: frozenset()}
 
 
 def test_a_negotiation_of_the_largest_size_in_tiny_macro_lists_costs_its_length_not_its_square():
@@ -78,7 +78,23 @@ def test_a_negotiation_of_the_largest_size_in_tiny_macro_lists_costs_its_length_
     started = time.process_time()
     negotiated = p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
     assert time.process_time() - started < 0.5
-    assert negotiated.macros == {p.MAIL: ("i",)}
+    assert negotiated.macros == {p.MAIL: {"i"}}
+
+
+def test_a_macro_list_keeps_its_first_names_once_each_and_says_when_it_had_more():
+    """A milter's OPTNEG of 1 MB of names in one stage's list: the first MACRO_NAMES_LIMIT are kept, each once (a
+    set, looked up at each event without walking the list), the rest not read; keeping them all held about 15 MB
+    of names per SMTP session, and each event walked them all. A later list of the stage replaces a cut one."""
+    def negotiated(*pairs: tuple[int, bytes]) -> p.Negotiated:
+        payload = struct.pack("!III", 6, 0, 0) + b"".join(struct.pack("!I", s) + n + b"\0" for s, n in pairs)
+        return p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload))
+    many = b",".join(b"m%d" % n for n in range(100_000))
+    held = negotiated((2, many), (3, b"i," * 300_000), (4, b"i," * 10))
+    assert held.macros[p.MAIL] == {f"m{n}" for n in range(p.MACRO_NAMES_LIMIT)}
+    assert held.macros[p.RCPT] == held.macros[p.DATA] == {"i"}
+    assert held.macro_lists_cut == (2, 3)
+    assert negotiated((2, many), (2, b"i")).macro_lists_cut == ()
+    assert negotiated((2, b"i," * p.MACRO_NAMES_LIMIT)).macro_lists_cut == ()
 
 
 def test_a_milter_asking_for_actions_not_offered_is_refused_as_postfix_does():

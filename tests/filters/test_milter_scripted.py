@@ -15,6 +15,7 @@ import pytest
 
 from mailflow import status
 from mailflow.filters.milter.client import MilterConnection, MilterSettings
+from mailflow.filters.milter.protocol import MACRO_NAMES_LIMIT
 from mailflow.maildrop import MaildropMessage, write_maildrop
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
 from tests.support.ports import sockets_to
@@ -604,6 +605,25 @@ async def test_behind_a_proxy_the_daemon_macros_name_the_address_the_client_conn
         [connect] = milter.macros(b"C")
     assert (connect["{daemon_addr}"], connect["{daemon_port}"]) == ("203.0.113.5", "2525")
     assert (connect["{client_addr}"], connect["{client_port}"]) == ("192.0.2.10", "40001")
+
+
+async def test_macro_lists_past_the_limit_are_cut_with_one_warning_and_their_first_names_still_sent(milter_server,
+                                                                                                     caplog):
+    """A milter's SETSYMLIST lists for MAIL and RCPT of 60 000 names each: the first MACRO_NAMES_LIMIT of each are
+    kept ({rcpt_addr}, first, is sent), the rest ignored ({mail_addr}, last, is not), with one warning."""
+    filler = b" ".join(b"x%d" % n for n in range(60_000))
+    lists = struct.pack("!I", 2) + filler + b" {mail_addr}\0" + struct.pack("!I", 3) + b"{rcpt_addr} " + filler + b"\0"
+    milter, port = await milter_server(negotiation=optneg(macros=lists))
+    client = await SmtpClient.connect(port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@local.test>")).code == 250
+    await client.close()
+    assert milter.macros(b"M") == []
+    assert milter.macros(b"R") == [{"{rcpt_addr}": "alice@local.test"}]
+    warnings = [r.getMessage() for r in caplog.records if "macro list" in r.getMessage()]
+    assert warnings == [f"milter {milter.spec}: macro list of stage 2, 3 longer than {MACRO_NAMES_LIMIT} names: "
+                        "the rest ignored"]
 
 
 async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logged(milter_server, tmp_path, caplog):

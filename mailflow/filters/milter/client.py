@@ -42,7 +42,8 @@ names; no {daemon_port} for non_smtpd_milters); at HELO {tls_version}, {cipher},
 {cert_issuer}; at MAIL {mail_addr}, {auth_type}, {auth_authen}; at RCPT i (the queue id, once the transaction has
 one: from the RCPT after its first accepted one, as Postfix's smtpd has it) and {rcpt_addr}; i with DATA, each
 header, end of headers, each body chunk and end of message (Postfix's milter8 sends the end-of-header macros with
-each header, the end-of-data ones with each body chunk).
+each header, the end-of-data ones with each body chunk). Of a SETSYMLIST list the first p.MACRO_NAMES_LIMIT
+names are kept (a set), the rest ignored with a warning at the negotiation.
 """
 from __future__ import annotations
 
@@ -175,6 +176,9 @@ class MilterConnection:
             writer.write(p.optneg(self._settings.protocol))
             reply = await self._read(self._settings.command_timeout)
             self.negotiated = p.Negotiated.from_reply(reply)
+            if self.negotiated.macro_lists_cut:
+                log.warning("milter %s: macro list of stage %s longer than %d names: the rest ignored", self.spec,
+                            ", ".join(map(str, self.negotiated.macro_lists_cut)), p.MACRO_NAMES_LIMIT)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -632,12 +636,12 @@ class MilterSession:
 # milter_end_of_header_macros and milter_end_of_data_macros (postconf -d; names without braces): what a milter that
 # asked for none of a stage's (SETSYMLIST) is sent there, of what mailflow has (not {auth_author}, {mail_host},
 # {mail_mailer}, {rcpt_host}, {rcpt_mailer})
-DEFAULT_MACROS: dict[bytes, tuple[str, ...]] = {
-    p.CONNECT: ("j", "daemon_name", "daemon_addr", "v", "_"),
-    p.HELO: ("tls_version", "cipher", "cipher_bits", "cert_subject", "cert_issuer"),
-    p.MAIL: ("i", "auth_type", "auth_authen", "auth_author", "mail_addr", "mail_host", "mail_mailer"),
-    p.RCPT: ("i", "rcpt_addr", "rcpt_host", "rcpt_mailer"),
-    p.DATA: ("i",), p.EOH: ("i",), p.BODYEOB: ("i",),
+DEFAULT_MACROS: dict[bytes, frozenset[str]] = {
+    p.CONNECT: frozenset({"j", "daemon_name", "daemon_addr", "v", "_"}),
+    p.HELO: frozenset({"tls_version", "cipher", "cipher_bits", "cert_subject", "cert_issuer"}),
+    p.MAIL: frozenset({"i", "auth_type", "auth_authen", "auth_author", "mail_addr", "mail_host", "mail_mailer"}),
+    p.RCPT: frozenset({"i", "rcpt_addr", "rcpt_host", "rcpt_mailer"}),
+    p.DATA: frozenset({"i"}), p.EOH: frozenset({"i"}), p.BODYEOB: frozenset({"i"}),
 }
 
 # the macro stage whose macros each message event carries (Postfix's milter8: the end-of-header macros with each
@@ -659,7 +663,7 @@ def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnecti
     """The macros of one event: of those mailflow has there, the ones the milter asked for at its `stage` (by
     default the event's own) with SETSYMLIST, else Postfix's default list for that stage (its MILTER_MACRO_EVAL)."""
     asked = milter.negotiated.macros.get(stage or command) if milter.negotiated else None
-    wanted = DEFAULT_MACROS.get(stage or command, ()) if asked is None else asked
+    wanted = DEFAULT_MACROS.get(stage or command, frozenset()) if asked is None else asked
     values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
     return p.macros(command, values) if values else b""
 

@@ -15,6 +15,7 @@ with data) or a negotiation that cannot work; the caller treats it like a milter
 """
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from dataclasses import dataclass
@@ -53,7 +54,11 @@ STEPS = {
 }
 # SMFIM_* macro stages of SETSYMLIST
 MACRO_STAGES = {0: CONNECT, 1: HELO, 2: MAIL, 3: RCPT, 4: DATA, 5: BODYEOB, 6: EOH}
-_MACRO_SEPARATORS = re.compile(rb"[, \t\r\n]+")  # a SETSYMLIST list's, as milter8's mystrtok(CHARS_COMMA_SP)
+_MACRO_NAME = re.compile(rb"[^, \t\r\n]+")  # a SETSYMLIST list's names, as milter8's mystrtok(CHARS_COMMA_SP) splits it
+# the most names of one stage's list read, the rest ignored: Postfix keeps the list whole (up to its 1 MB packet) and
+# walks it at every event; a list past any macro a milter can be sent would cost each session memory and each event
+# time for nothing
+MACRO_NAMES_LIMIT = 1000
 
 
 class ProtocolError(Exception):
@@ -151,17 +156,27 @@ class Decoder:
         return replies
 
 
+def _macro_names(names: bytes) -> tuple[frozenset[str], bool]:
+    """The first MACRO_NAMES_LIMIT names of a SETSYMLIST list, without their braces, and whether it had more (the
+    rest is not read)."""
+    found = [m.group().strip(b"{}").decode("ascii", "replace")
+             for m in itertools.islice(_MACRO_NAME.finditer(names), MACRO_NAMES_LIMIT + 1)]
+    return frozenset(found[:MACRO_NAMES_LIMIT]), len(found) > MACRO_NAMES_LIMIT
+
+
 @dataclass(frozen=True)
 class Negotiated:
     """What the milter's OPTNEG reply settled: its version, the actions it may take, the protocol flags (what
     it is not sent, what it does not answer) and the macros it asked for per stage (SETSYMLIST: as Postfix 3.7's
     milter8 and MILTER_MACRO_EVAL, a stage not listed, or listed with an empty string, is sent the defaults; one
-    listed with separators only is sent none)."""
+    listed with separators only is sent none), each a set of at most MACRO_NAMES_LIMIT names (the first ones
+    given); `macro_lists_cut`: the SMFIM_* stages whose list had more, the rest ignored."""
 
     version: int
     actions: int
     protocol: int
-    macros: dict[bytes, tuple[str, ...]]
+    macros: dict[bytes, frozenset[str]]
+    macro_lists_cut: tuple[int, ...] = ()
 
     @classmethod
     def from_reply(cls, reply: Reply, offered_protocol: int = OFFERED_PROTOCOL) -> "Negotiated":
@@ -170,24 +185,26 @@ class Negotiated:
         version, actions, protocol = struct.unpack("!III", reply.payload[:12])
         if version < 2:
             raise ProtocolError(f"milter protocol version {version}")
-        wanted: dict[bytes, tuple[str, ...]] = {}
+        lists: dict[int, bytes] = {}  # each stage's last list (only it is read: a list is replaced whole)
         payload, at = reply.payload, 12
         while len(payload) - at >= 5:  # (read in place: taking each list off a copy of the rest cost its square)
             (stage,) = struct.unpack_from("!I", payload, at)
             end = payload.find(b"\0", at + 4)
             end = len(payload) if end < 0 else end
-            names, at = payload[at + 4:end], end + 1
-            if stage not in MACRO_STAGES:
-                continue
-            if not names:  # an empty list is no list: that stage's defaults, as Postfix's (the last list given wins)
-                wanted.pop(MACRO_STAGES[stage], None)
-            else:
-                wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace")
-                                                    for n in _MACRO_SEPARATORS.split(names) if n)
+            if stage in MACRO_STAGES:
+                lists[stage] = payload[at + 4:end]
+            at = end + 1
+        wanted: dict[bytes, frozenset[str]] = {}
+        cut: list[int] = []
+        for stage, names in lists.items():
+            if names:  # an empty list is no list: that stage's defaults, as Postfix's
+                wanted[MACRO_STAGES[stage]], more = _macro_names(names)
+                if more:
+                    cut.append(stage)
         if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
             raise ProtocolError(f"request mask {actions:#x} conflict with MTA request mask {OFFERED_ACTIONS:#x}")
         # a milter may answer with protocol bits that were not offered (rspamd does): only what was offered counts
-        return cls(version, actions, protocol & offered_protocol, wanted)
+        return cls(version, actions, protocol & offered_protocol, wanted, tuple(cut))
 
     def skips(self, command: bytes) -> bool:
         return bool(self.protocol & STEPS[command][0])
