@@ -800,15 +800,16 @@ async def test_a_milter_that_stops_reading_keeps_no_connection_past_the_session(
     server = await asyncio.start_server(deaf, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [f"inet:127.0.0.1:{port}"]},
-                                   milter={"content_timeout": "1s"})
-        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
-        body = b"z" * 998 + b"\r\n"
-        assert await client.send_message(MESSAGE + body * 8000) == status.FILTER_UNAVAILABLE
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [f"inet:127.0.0.1:{port}"],
+                                          "message_size_limit": 30_000_000}, milter={"content_timeout": "1s"})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])  # (the milter is asked at the greeting)
+        await eventually(lambda: connections, timeout=5)
+        assert sockets_to(port) == 1
+        body = b"z" * 998 + b"\r\n"  # 20 MB: past what the sockets' buffers take
+        assert await client.send_message(MESSAGE + body * 20_000) == status.FILTER_UNAVAILABLE
         await client.close()
-        assert len(connections) == 1 and sockets_to(port) == 1
-        await asyncio.sleep(1.5)  # (the close's wait for the milter to take what was sent: 1 s)
-        assert sockets_to(port) == 0  # (the milter's own side is still held open by `deaf`)
+        # (within the close's 1 s wait for the milter to take what was sent; `deaf` still holds its own side)
+        await eventually(lambda: sockets_to(port) == 0, timeout=5)
     finally:
         for writer in connections:
             writer.close()
