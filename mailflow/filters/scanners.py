@@ -7,9 +7,12 @@
 
 What both share (`StreamScanner`): the endpoint (`host:port` or `unix:/path`), one connection per message, the
 size limit (a bigger message is passed unscanned, `scanned=False`, as spamc does), one deadline (`timeout`)
-for the whole exchange (at a failure the connection is aborted, what is unsent dropped: nothing outlives it),
-the content streamed from its Content chunk by chunk (a spooled message is never read whole), and a reply read
-up to REPLY_LIMIT bytes at most.
+for the whole exchange, the content streamed from its Content chunk by chunk (a spooled message is never read
+whole), and a reply read up to REPLY_LIMIT bytes (clamd's answer; spamd's status line and headers together, and
+its body besides: 64 KB + 64 KB at most). An exchange that breaks off (the timeout, a connection refused or
+closed, what is no reply, a cancellation) aborts its connection, what is unsent dropped: nothing outlives it. A
+failure the scanner answers (a spamd error code, a clamd ERROR) ends the exchange as a verdict does, and the
+connection is closed.
 
 spamd (SpamAssassin's SPAMC/SPAMD protocol 1.5): `SYMBOLS SPAMC/1.5`, a `Content-length` header, an empty line,
 the message; spamd answers `SPAMD/1.1 0 EX_OK`, a `Spam: True ; 1004.2 / 5.0` header (and the Content-length
