@@ -403,7 +403,8 @@ SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 
 
 def virus_found(name: str) -> Reply:
-    return Reply(554, "5.7.1", f"Message rejected: virus found ({printable(name[:100])})")
+    """`name`: clamd's, as its scanner keeps it (scanners.VIRUS_NAME_LIMIT printable ASCII characters)."""
+    return Reply(554, "5.7.1", f"Message rejected: virus found ({name})")
 
 
 def milter_reply(text: str, soft_bounce: bool = False) -> Reply | None:

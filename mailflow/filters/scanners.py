@@ -140,7 +140,7 @@ class Spamd(StreamScanner):
             # closed within the headers: the Spam header may have come whole, the reply did not (an error's status
             # line comes alone, and the close after it is its end)
             if (line or headers) and not line.endswith(b"\n"):
-                raise asyncio.IncompleteReadError(line, None)
+                raise ScannerError("the connection closed within the reply's headers")
             if not line.strip():
                 break
             name, _, value = line.decode("latin-1").partition(":")

@@ -12,7 +12,7 @@ from mailflow.config.filters import ClamdConfig, SpamdConfig
 from mailflow.content import Content
 from mailflow.filters.scanners import (REPLY_LIMIT, VIRUS_NAME_LIMIT, Clamd, ScannerError, Spamd, parse_clamd_reply,
                                        parse_spamd_reply)
-from tests.support import eventually, free_port, maildir_messages, send, spooled
+from tests.support import SmtpClient, eventually, free_port, maildir_messages, send, spooled
 from tests.support.ports import sockets_to
 
 MESSAGE = b"From: <s@example.test>\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -120,6 +120,8 @@ async def test_spamd_down_silent_or_babbling_is_a_failure_within_the_timeout():
         async with ScriptedScanner(reply, spamd_request) as peer:
             result = await spamd(peer.address, timeout=5).check(Content.of(MESSAGE))
         assert result.failed.startswith("spamd: ") and not result.found, (reply[:60], result)
+        if reply.startswith(closed):
+            assert result.failed == "spamd: ScannerError: the connection closed within the reply's headers"
 
 
 async def test_spamd_passes_a_message_over_its_size_limit_unscanned():
@@ -182,6 +184,18 @@ async def test_a_virus_name_with_a_line_end_or_controls_stays_inside_its_one_hea
             data = (await eventually(lambda: maildir_messages(mailbox)))[0]
             await mf.stop()
         assert expected in data and b"\nX-Injected" not in data, data[:400]
+
+
+async def test_a_refusal_names_the_virus_as_kept_printable_and_cut(mailflow_server):
+    """The 554 reply (clamd's default action) quotes the name as the scanner keeps it: one reply line."""
+    hostile = b"stream: Evil.Sig\r\n250 ok\x01" + b"N" * 200 + b" FOUND\0"
+    async with ScriptedScanner(hostile, clamd_request) as peer:
+        mf = await mailflow_server(clamd={"address": peer.address})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        reply = await client.send_message(MESSAGE)
+        await client.close()
+    name = ("Evil.Sig??250 ok?" + "N" * 200)[:VIRUS_NAME_LIMIT]
+    assert (reply.code, reply.text) == (554, f"554 5.7.1 Message rejected: virus found ({name})")
 
 
 class DeafScanner:
