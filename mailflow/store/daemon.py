@@ -26,7 +26,11 @@ Contract
 - `take(now, limit)` is qmgr's scan: `due(now, limit)` and the claim of all of it, in one writer transaction
   (one hop; nothing can change between the read and the claim). Its content is handed out as due()'s. The rows
   of a big scan (more than DECODE_INLINE, or recipients past DECODE_INLINE_TEXT) become messages in a worker
-  thread, outside the transaction.
+  thread, outside the transaction. A message of more than RECIPIENTS_IN_SCAN recipients has them read apart,
+  after the claim, RECIPIENT_SLICE rows a reader hop, each slice made into Recipients as it comes: what a scan
+  holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
+  the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
+  rows, and the attempt finds the message gone.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
@@ -64,13 +68,13 @@ import json
 import sqlite3
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from mailflow.config import DEFAULTS
 from mailflow.content import MEMORY_LIMIT, Content, Spool
 from mailflow.files import keep_private
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, OwnedFailure,
-                            RcptResult, Recipient)
+                            RcptResult, Recipient, replaced)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.damage import QUEUES, Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
@@ -258,7 +262,8 @@ class Store(OperatorQueries, RequeueQueries):
         """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
         cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan.
 
-        One statement, one reader hop (`DUE`): the messages with their recipients (JSON) and the content of
+        One statement, one reader hop (`DUE`): the messages with their recipients (JSON; past RECIPIENTS_IN_SCAN
+        a hop a slice of them: `_with_recipients`) and the content of
         those held in their rows (up to SCAN_CONTENT_SIZE each, SCAN_CONTENT_BUDGET in all: half for new mail,
         half for deferred, each in its order).
         `content()` hands it out once, without a read of its own, for a message that `claim()` then took and
@@ -269,18 +274,42 @@ class Store(OperatorQueries, RequeueQueries):
 
     @staticmethod
     def _due_params(now: float, limit: int) -> dict:
-        return {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE, "budget": SCAN_CONTENT_BUDGET // 2}
+        return {"now": now, "limit": limit, "scan_size": SCAN_CONTENT_SIZE, "budget": SCAN_CONTENT_BUDGET // 2,
+                "in_scan": RECIPIENTS_IN_SCAN}
 
     async def _scan_result(self, rows: list[tuple]) -> list[QueuedMessage]:
         """DUE rows (in due order) as messages; the content read with them is kept for `content()`. More than
         DECODE_INLINE rows (10 000 of them took 0.1 s), or recipients longer than DECODE_INLINE_TEXT in all (one
         message of 100 000 recipients, which virtual aliases may make, took 2 s), are decoded in a worker thread."""
-        if len(rows) <= DECODE_INLINE and sum(len(row[_RECIPIENTS_AT]) for row in rows) <= DECODE_INLINE_TEXT:
+        if len(rows) <= DECODE_INLINE and sum(len(row[_RECIPIENTS_AT] or "") for row in rows) <= DECODE_INLINE_TEXT:
             messages, scanned = _decoded(rows)
         else:
             messages, scanned = await asyncio.to_thread(_decoded, rows)
         self._scanned = scanned
+        for at, row in enumerate(rows):
+            if row[_RECIPIENTS_AT] is None:  # (more than RECIPIENTS_IN_SCAN: not in the row)
+                messages[at] = await self._with_recipients(messages[at])
         return messages
+
+    async def _with_recipients(self, message: QueuedMessage) -> QueuedMessage:
+        """`message` (a DUE row of more than RECIPIENTS_IN_SCAN recipients) with its recipients, read
+        RECIPIENT_SLICE rows a reader hop in envelope order and made into Recipients (and owed results) slice by
+        slice: the rows as one JSON text (100 MB for 1 000 000 recipients, built by SQLite, then as a str, then
+        decoded into lists) were the peak of the process's memory. Read after the claim: the message is active,
+        qmgr's alone; an operator's delete meanwhile leaves fewer rows, and the attempt finds it gone."""
+        pending: list[Recipient] = []
+        owed: list[RcptResult] = []
+        problems = [message.damage] if message.damage else []
+        originals: dict[str, str] = {}  # (one str for each original: a list's members share their list's)
+        rows = await self._reader.fetchall(_FIRST_RECIPIENTS, (message.queue_id, RECIPIENT_SLICE))
+        while True:
+            _sort_recipients(rows, pending, owed, problems, originals=originals)
+            if len(rows) < RECIPIENT_SLICE or type(rows[-1][0]) is not int:
+                break  # (an idx that is no number sorts after them all, and makes the message damaged: set aside)
+            rows = await self._reader.fetchall(_NEXT_RECIPIENTS, (message.queue_id, rows[-1][0], RECIPIENT_SLICE))
+        pending.sort(key=lambda r: r.index)
+        owed.sort(key=lambda r: r.recipient.index)
+        return replaced(message, recipients=tuple(pending), owed=tuple(owed), damage="; ".join(problems))
 
     async def never_due(self) -> list[tuple[QueueId, str]]:
         """The messages no scan can ever take, each with what is wrong (set by hand, or a database made with its
@@ -391,18 +420,29 @@ SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size 
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more are decoded in a worker thread
 DECODE_INLINE_TEXT = 64 << 10  # characters of their recipients' JSON (some 300 recipients) decoded on the loop
+RECIPIENTS_IN_SCAN = 1000  # a message of more recipients has them read apart, not as JSON in its DUE row
+RECIPIENT_SLICE = 2000  # rows of those a reader hop (`Store._with_recipients`)
+# a slice of a message's recipients still to do (pending, or with a notice owed), in envelope order (the primary key)
+_RECIPIENTS_TO_DO = f"""
+SELECT {_RECIPIENT_KINDS.select_list} FROM recipient
+WHERE message_id = ? {{}} AND (status NOT IN ('sent', 'bounced') OR notice = 1) ORDER BY idx LIMIT ?
+"""
+_FIRST_RECIPIENTS = _RECIPIENTS_TO_DO.format("")
+_NEXT_RECIPIENTS = _RECIPIENTS_TO_DO.format("AND idx > ?")  # (after the last one's idx, whatever its kind)
 
 
 # due(): up to :limit new and up to :limit due deferred messages (each an index range scan on (queue,
-# next_attempt)), each with its recipients still to do (pending, or with a notice owed) as a JSON array, and the
+# next_attempt)), each with its recipients still to do (pending, or with a notice owed) as a JSON array (NULL for a
+# message of more than :in_scan recipients, read apart: `Store._with_recipients`), and the
 # content of those kept in their rows (up to :scan_size each), each side in its own order until :budget bytes
 # (the content rows of the others are not even read), and its count of recipients, done ones included (qmgr's
 # `nrcpt=`). Rows come in any order: `side` (0 new, 1 deferred) and `next_attempt` order them; due() alternates the
 # two sides.
 DUE = f"""
 SELECT {_MESSAGE_KINDS.select_list},
-       (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
-        WHERE message_id = m.id AND (status NOT IN ('sent', 'bounced') OR notice = 1)),
+       CASE WHEN (SELECT count(*) FROM recipient WHERE message_id = m.id) <= :in_scan THEN
+         (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
+          WHERE message_id = m.id AND (status NOT IN ('sent', 'bounced') OR notice = 1)) END,
        (SELECT count(*) FROM recipient WHERE message_id = m.id),
        side, next_attempt, c.data, c.body
 FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)
@@ -468,18 +508,31 @@ def _due_message(row: tuple) -> QueuedMessage:
     owed: list[RcptResult] = []
     values, damage = checked(row[:_RECIPIENTS_AT], _MESSAGE_KINDS)
     problems = [damage] if damage else []
-    suspect = type(row[_RECIPIENTS_AT]) is not str  # NotUtf8: the text of a recipient is not UTF-8
-    for fields in json.loads(row[_RECIPIENTS_AT]):
+    text = row[_RECIPIENTS_AT]
+    if text is not None:  # (None: more than RECIPIENTS_IN_SCAN, read apart: `Store._with_recipients`)
+        suspect = type(text) is not str  # NotUtf8: the text of a recipient is not UTF-8
+        _sort_recipients(json.loads(text), pending, owed, problems, suspect=suspect)
+    pending.sort(key=lambda r: r.index)
+    owed.sort(key=lambda r: r.recipient.index)
+    return _queued_message(values, pending, owed, row[_NRCPT_AT], "; ".join(problems))
+
+
+def _sort_recipients(rows: Iterable[Sequence], pending: list[Recipient], owed: list[RcptResult],
+                     problems: list[str], *, suspect: bool = False, originals: dict[str, str] | None = None) -> None:
+    """Recipient rows (`_RECIPIENT_KINDS`) into `pending` Recipients, `owed` results (recorded, their notice still
+    owed) and `problems` (damaged rows); `originals`, when given, shares one str among equal originals."""
+    for fields in rows:
         fields, damage = checked(fields, _RECIPIENT_KINDS, suspect=suspect)
         if damage:
             problems.append(f"recipient {fields[0]}: {damage}")
         elif fields[5] == "pending":
-            pending.append(Recipient(*fields[:5]))
+            if originals is None:
+                pending.append(Recipient(*fields[:5]))
+            else:
+                index, address, original, notify, orcpt = fields[:5]
+                pending.append(Recipient(index, address, originals.setdefault(original, original), notify, orcpt))
         else:
             owed.append(_recorded_result(fields))
-    pending.sort(key=lambda r: r.index)
-    owed.sort(key=lambda r: r.recipient.index)
-    return _queued_message(values, pending, owed, row[_NRCPT_AT], "; ".join(problems))
 
 
 async def _op_in_slices(make: Callable[[Sequence], Op], items: Sequence) -> Op:

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -993,6 +994,7 @@ async def test_one_message_of_many_recipients_is_decoded_off_the_event_loop(stor
     """One row can be as long as 10 000 (virtual aliases may expand each of 1 000 recipients to 1 000): a
     message of 100 000 recipients held the loop 2 s. Past DECODE_INLINE_TEXT of recipients it is a worker's,
     however few the rows; a message of a few recipients stays on the loop."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10_000)  # (their JSON in the row, as for up to 1 000)
     decoded_on = decoded_on_threads(monkeypatch)
     await store.insert_many([new("FEW", "a@example.test", "b@example.test"),
                              new("MANY", *(f"user{i:05d}@example.test" for i in range(2000)), arrival=T0 + 1)])
@@ -1002,6 +1004,41 @@ async def test_one_message_of_many_recipients_is_decoded_off_the_event_loop(stor
     assert many.queue_id == "MANY" and len(many.recipients) == 2000
     assert many.recipients[1999].address == "user01999@example.test"
     assert decoded_on[1:] != [threading.get_ident()]
+
+
+async def test_a_message_of_many_recipients_is_read_a_slice_at_a_time(store, monkeypatch):
+    """Past RECIPIENTS_IN_SCAN a message's recipients are not one JSON text in its scan row (for 1 000 000
+    recipients SQLite built 100 MB of it, and its str and lists came on top: the process's peak): they are read
+    RECIPIENT_SLICE rows a reader hop and made into Recipients as they come. What a take holds beyond the message
+    it returns is one slice, not a copy of every recipient; the recipients are those to do, in envelope order,
+    the owed ones as results, and a damaged row still names the message damaged."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 100)
+    monkeypatch.setattr(daemon, "RECIPIENT_SLICE", 500)
+    count = 20_000
+    await store.insert_many([new("BIG", *(f"user{i:05d}@example.test" for i in range(count)))])
+    [big] = await store.take(T0, 1)
+    await store.record_results("BIG", [(RcptResult(big.recipients[3], Outcome.SENT, "2.0.0", "ok"), False),
+                                       (RcptResult(big.recipients[4], Outcome.BOUNCED, "5.1.1", "no"), True)])
+    await store.finish(Delivered("BIG", T0))
+    reads = store.reads
+    tracemalloc.start()
+    try:
+        [big] = await store.take(T0 + 1, 1)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - kept < 1 << 20, f"{peak - kept} bytes held beyond the message taken"  # (the JSON way: ~9 MB)
+    assert [r.index for r in big.recipients] == [i for i in range(count) if i not in (3, 4)]
+    assert big.recipients[-1] == Recipient(count - 1, f"user{count - 1:05d}@example.test",
+                                           f"USER{count - 1:05d}@EXAMPLE.TEST")
+    assert [(r.recipient.index, r.outcome) for r in big.owed] == [(4, Outcome.BOUNCED)]
+    assert big.nrcpt == count and not big.damage
+    assert store.reads - reads == -(-(count - 1) // 500)  # (19 999 to do, the owed one too: the last slice short)
+    await store.finish(Delivered("BIG", T0 + 1))
+    await store._writer.call(lambda: store._writer._connection().execute(
+        "UPDATE recipient SET address = x'ff' WHERE message_id = 'BIG' AND idx = 7000"))
+    [big] = await store.take(T0 + 2, 1)
+    assert "recipient 7000: address is" in big.damage, big.damage
 
 
 async def test_every_commit_is_on_disk_and_concurrent_writes_share_one(store):
