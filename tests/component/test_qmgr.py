@@ -6,6 +6,7 @@ Everything is polled with bounded loops; "nothing happens" is checked after a wh
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import sqlite3
@@ -17,7 +18,7 @@ from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
 from mailflow.content import Content
-from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 import mailflow.stages.qmgr as qmgr_module
 import mailflow.store.daemon as store_daemon
 from mailflow.stages.qmgr import ADMIT_SLICE, TICK, QueueManager
@@ -1564,3 +1565,44 @@ async def test_a_message_s_many_results_are_recorded_record_slice_at_a_time(h, m
     rows = await h.store.recipients(queue_id)
     if meanwhile != "delete":
         assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45
+
+
+class HoldsOneDomain(RecordingTransport):
+    """Answers at once (every recipient sent), but for the jobs of `held`, kept until `release` is set."""
+
+    def __init__(self, held: str):
+        super().__init__("smtp")
+        self.held = held
+        self.release = asyncio.Event()
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        if request.nexthop == self.held:
+            await self.release.wait()
+        return await super().deliver(request)
+
+
+def results_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, RcptResult))
+
+
+async def test_an_attempt_keeps_no_result_of_a_recipient_sent_or_bounced(h):
+    """The end of an attempt needs its deferred results (they expire, or are warned of): the sent ones recorded
+    while its other jobs run are not kept (a message of 1 000 000 recipients held them all, 250 MB, until its
+    end). 2 000 recipients sent, one job held: the results alive then are not theirs; the message is removed
+    once the held job ends, as before."""
+    transport = HoldsOneDomain("held.test")
+    await h.start(transports={"smtp": transport}, destination_recipient_limit=100)
+    before = results_alive()
+    sent = [f"u{i:04d}@sent.test" for i in range(2000)]
+    qid = await h.queue(*sent, "last@held.test")
+    await eventually(lambda: sorted(a for r in transport.requests for a in addresses(r)) == sorted(sent))
+    await eventually(lambda: _sent_recorded(h, qid, 2000))
+    assert h.qmgr.active_count == 1
+    assert results_alive() - before < 100, "the sent results are still held"
+    transport.release.set()
+    await eventually(lambda: queue_is_empty(h))
+
+
+async def _sent_recorded(h: Harness, qid: str, count: int) -> bool:
+    return sum(status == "sent" for _, status, _, _ in await h.store.recipients(qid)) == count

@@ -226,7 +226,8 @@ class ActiveMessage:
     message: QueuedMessage
     jobs_left: int
     stats: MsgStats  # its arrival and this attempt's entry into the active queue (the log's delays a and b)
-    attempt: list[RcptResult] = field(default_factory=list)  # this attempt's results, recorded
+    deferred: list[RcptResult] = field(default_factory=list)  # this attempt's deferred results, recorded: what
+    # its end expires or warns of (the sent and bounced ones are not kept: 1 000 000 sent held 250 MB to no use)
     owed: list[RcptResult] = field(default_factory=list)  # recorded results whose notice is not queued yet
     unrecorded: list[RcptResult] = field(default_factory=list)  # results back, waiting for the record in flight
     recording: bool = False  # a record of its results is being written (one at a time)
@@ -1489,7 +1490,7 @@ class QueueManager:
         finally:
             active.recording = False
         self._log_results(active, results, self._clock.time())
-        active.attempt.extend(results)
+        active.deferred.extend(r for r in results if r.outcome is Outcome.DEFERRED)
         active.owed.extend(r for r, owed in rows if owed)
         self._results_in(active, [])  # those that came meanwhile, or the end of a finished attempt
 
@@ -1569,7 +1570,7 @@ class QueueManager:
         now = self._clock.time()
         q = self._config
         lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
-        pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
+        pending = active.deferred + [r for r in last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
         age = now - msg.lifetime_base
         expired = [] if held or age < lifetime else await _expire_in_slices(pending)
