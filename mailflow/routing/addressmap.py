@@ -198,6 +198,11 @@ class AddressMapper:
         envelope edits (MilterEdits), whose BCC copies come last, as Postfix's milters run last."""
         out: list[Recipient] = []
         seen: set[tuple[str, ...]] = set()
+        # the final addresses met, folded, by the rest of their duplicate key (`_duplicate_key`): one set a key, of
+        # the addresses themselves when already lower case, not a tuple and a folded copy per address (a million
+        # recipients expanded held 250 bytes each that way). The BCC recipients' keys go in `seen`: a recipient's
+        # never equals one (its ORCPT is never empty, a BCC recipient's is).
+        met: dict[tuple[str, ...], set[str]] = {}
         auto = auto_bcc_sender is not None
         if auto_bcc_sender:  # (the null sender is not looked up)
             self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender, seen), out, seen)
@@ -210,10 +215,13 @@ class AddressMapper:
                 out.append(Recipient(len(out), finals[0], rcpt.original, rcpt.notify, rcpt.orcpt))
                 continue
             rcpt_key = _duplicate_key(rcpt, expanded=len(finals) > 1)  # (once per recipient, not per address)
+            finals_met = met.get(rcpt_key)
+            if finals_met is None:
+                finals_met = met[rcpt_key] = set()
             for final in finals:
-                key = (final.lower(), *rcpt_key)
-                if key not in seen:
-                    seen.add(key)
+                folded = final.lower()
+                if folded not in finals_met:
+                    finals_met.add(final if folded == final else folded)
                     out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
             if auto and canonical and rcpt.address not in milter.added:
                 self._add_bcc(self._bcc_address(self._recipient_bcc, canonical, seen), out, seen)
