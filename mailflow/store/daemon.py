@@ -172,9 +172,15 @@ class Store(OperatorQueries, RequeueQueries):
 
     async def take(self, now: float, limit: int) -> list[QueuedMessage]:
         """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
-        read with it is handed out by `content()` as due()'s."""
+        read with it is handed out by `content()` as due()'s. When the messages cannot be made of the rows claimed
+        (the read of a big one's recipients failed), the rows are given back, due at `now`, before the error is
+        raised: nobody would hold them active until the next start."""
         rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now))
-        return await self._scan_result(rows)
+        try:
+            return await self._scan_result(rows)
+        except Exception:
+            await self._committer.write([(_GIVE_BACK, [(now, row[0]) for row in rows])])
+            raise
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
         """Record what one delivery job did, as soon as it is back (lingering: see the module doc): each

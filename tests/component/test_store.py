@@ -1197,3 +1197,26 @@ async def test_never_due_finds_both_kinds_of_unreachable_message_in_one_read(sto
     assert store.reads == before + 1
     assert sorted(found) == [("A1", "next_attempt is 'y', not a time"),
                              ("B2", "queue is 'bogus', not one of incoming, active, deferred, hold, corrupt, maildrop")]
+
+
+async def test_a_take_whose_recipients_cannot_be_read_gives_its_rows_back(store, monkeypatch):
+    """A big message's recipients are read after the claim: when that read fails, the claimed rows are given back
+    (due now) before the error goes on to the scan, instead of staying active with nobody holding them."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert_many([new("BIG", *(f"user{i:02d}@example.test" for i in range(20))),
+                             new("SMALL", "a@example.test", arrival=T0 + 1)])
+    read = store._reader.fetchall
+
+    async def failing(sql, params=()):
+        if sql == daemon._FIRST_RECIPIENTS:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await read(sql, params)
+
+    monkeypatch.setattr(store._reader, "fetchall", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.take(T0 + 1, 10)
+    assert await store.counts() == {"deferred": 2}
+    monkeypatch.setattr(store._reader, "fetchall", read)
+    taken = await store.take(T0 + 1, 10)
+    assert sorted(m.queue_id for m in taken) == ["BIG", "SMALL"]
+    assert len(next(m for m in taken if m.queue_id == "BIG").recipients) == 20
