@@ -30,7 +30,8 @@ Contract
   after the claim, RECIPIENT_SLICE rows a reader hop, each slice made into Recipients as it comes: what a scan
   holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
   the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
-  rows, and the attempt finds the message gone.
+  rows, and the attempt finds the message gone; a read that fails gives the scan's claimed rows back (due now)
+  before the error is raised.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
