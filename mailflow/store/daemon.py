@@ -226,9 +226,10 @@ class Store(OperatorQueries, RequeueQueries):
         """A message qmgr let go of after a scan claimed its row again while its attempt was under way (an operator
         released it meanwhile): the claim may have come after the end of the attempt was written (in the same
         commit, whose statements run before its calls), leaving the row active with nobody holding it. Still
-        active, it is deferred until `next_attempt` (`maildrop` when requeued meanwhile), as `finish` would have
-        done, but no attempt is counted (`finish` counted the attempt, or the claim was a stale one and made none);
-        anywhere else (deferred by that `finish` already, held, gone) it stays."""
+        active, it is deferred until `next_attempt` (`maildrop` when requeued meanwhile; incoming, still marked,
+        when it also owes notices, as `recover()` does), as `finish` would have done, but no attempt is counted
+        (`finish` counted the attempt, or the claim was a stale one and made none); anywhere else (deferred by that
+        `finish` already, held, gone) it stays."""
         self._scanned.pop(queue_id, None)
         await self._committer.write([(_GIVE_BACK, [(next_attempt, queue_id)])])
 
@@ -593,9 +594,12 @@ def _deferred(done: Delivered, con: sqlite3.Connection) -> bool:
 _DEFER_ACTIVE = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
                  " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'")
 
-# A claimed row given back (`give_back`): as _DEFER_ACTIVE, the attempt not counted again.
-_GIVE_BACK = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
-              " next_attempt = ?, from_logged = 0 WHERE id = ? AND queue = 'active'")
+# A claimed row given back (`give_back`, a failed `take`): as _DEFER_ACTIVE, the attempt not counted again; but no
+# notice was queued, so one an operator requeued that still owes notices goes to incoming, marked, as at `recover()`
+# (in maildrop, pickup would copy only its pending recipients and the notices would be lost: requeue.py).
+_GIVE_BACK = (f"UPDATE message SET queue = CASE WHEN NOT requeue THEN 'deferred' WHEN {OWES_NOTICES} THEN 'incoming'"
+              f" ELSE 'maildrop' END, requeue = requeue AND {OWES_NOTICES}, next_attempt = ?, from_logged = 0"
+              " WHERE id = ? AND queue = 'active'")
 
 # The end of an attempt of a message an operator held and released while it was in hand, and that no scan claimed
 # since (no room): deferred and due at the release's time, it is deferred as the end means, the attempt counted. (A

@@ -1220,3 +1220,54 @@ async def test_a_take_whose_recipients_cannot_be_read_gives_its_rows_back(store,
     taken = await store.take(T0 + 1, 10)
     assert sorted(m.queue_id for m in taken) == ["BIG", "SMALL"]
     assert len(next(m for m in taken if m.queue_id == "BIG").recipients) == 20
+
+
+def failing_recipient_reads(store: Store, monkeypatch) -> None:
+    """The store's reads of a big message's recipients fail (a disk error) until undone."""
+    read = store._reader.fetchall
+
+    async def failing(sql, params=()):
+        if sql == daemon._FIRST_RECIPIENTS:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await read(sql, params)
+
+    monkeypatch.setattr(store._reader, "fetchall", failing)
+
+
+async def requeued_owing_a_notice(store: Store, qid: str) -> QueuedMessage:
+    """`qid` taken, a bounce recorded with its notice owed, requeued while active: marked, as a stop leaves it."""
+    [msg] = await store.take(T0, 1)
+    await record(store, msg, RcptResult(msg.recipients[0], Outcome.BOUNCED, "5.1.1", "no such user"), owed=True)
+    await store.requeue_messages([qid], T0 + 1)
+    return msg
+
+
+async def queue_requeue_owed(store: Store, qid: str) -> tuple:
+    [(queue, requeue)] = await store._reader.fetchall("SELECT queue, requeue FROM message WHERE id = ?", (qid,))
+    [(owed,)] = await store._reader.fetchall("SELECT count(*) FROM recipient WHERE message_id = ? AND notice = 1",
+                                             (qid,))
+    return queue, requeue, owed
+
+
+async def test_a_requeued_message_owing_notices_is_given_back_to_incoming_still_marked(store, monkeypatch):
+    """A message requeued while it owes notices waits in incoming, marked, for the end of an attempt to queue them
+    (requeue.py). A take that cannot read its recipients gives it back there, not to maildrop, where pickup would
+    copy its pending recipients alone and the bounce notice would never be sent."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert(new("BIG", *(f"user{i:02d}@example.test" for i in range(20))))
+    await requeued_owing_a_notice(store, "BIG")
+    await store.recover()  # (a stop: marked, owing, it is incoming again)
+    assert await queue_requeue_owed(store, "BIG") == ("incoming", 1, 1)
+    failing_recipient_reads(store, monkeypatch)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.take(T0 + 2, 5)
+    assert await queue_requeue_owed(store, "BIG") == ("incoming", 1, 1)
+    assert await store.requeued_messages() == []
+
+
+async def test_a_message_given_back_owing_notices_stays_marked_in_incoming(store):
+    """qmgr's give_back follows the same rule: requeued and owing notices, the message is not sent to maildrop."""
+    await store.insert(new("Q1"))
+    await requeued_owing_a_notice(store, "Q1")
+    await store.give_back("Q1", T0 + 600)
+    assert await queue_requeue_owed(store, "Q1") == ("incoming", 1, 1)
