@@ -30,8 +30,8 @@ Contract
   after the claim, RECIPIENT_SLICE rows a reader hop, each slice made into Recipients as it comes: what a scan
   holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
   the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
-  rows, and the attempt finds the message gone; a read that fails gives the scan's claimed rows back (due now)
-  before the error is raised.
+  rows, and the attempt finds the message gone; a read that fails gives the scan's claimed rows back as they were
+  (each to its queue, due when it was) before the error is raised.
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
@@ -174,13 +174,13 @@ class Store(OperatorQueries, RequeueQueries):
     async def take(self, now: float, limit: int) -> list[QueuedMessage]:
         """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
         read with it is handed out by `content()` as due()'s. When the messages cannot be made of the rows claimed
-        (the read of a big one's recipients failed), the rows are given back, due at `now`, before the error is
-        raised: nobody would hold them active until the next start."""
+        (the read of a big one's recipients failed), the rows are given back as they were, each to the queue it
+        came from, before the error is raised: nobody would hold them active until the next start."""
         rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now))
         try:
             return await self._scan_result(rows)
         except Exception:
-            await self._committer.write([(_GIVE_BACK, [(now, row[0]) for row in rows])])
+            await self._committer.write([(_GIVE_BACK, [_as_scanned(row) for row in rows])])
             raise
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
@@ -231,7 +231,7 @@ class Store(OperatorQueries, RequeueQueries):
         (`finish` counted the attempt, or the claim was a stale one and made none); anywhere else (deferred by that
         `finish` already, held, gone) it stays."""
         self._scanned.pop(queue_id, None)
-        await self._committer.write([(_GIVE_BACK, [(next_attempt, queue_id)])])
+        await self._committer.write([(_GIVE_BACK, [("deferred", next_attempt, 0, queue_id)])])
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
@@ -597,9 +597,20 @@ _DEFER_ACTIVE = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' E
 # A claimed row given back (`give_back`, a failed `take`): as _DEFER_ACTIVE, the attempt not counted again; but no
 # notice was queued, so one an operator requeued that still owes notices goes to incoming, marked, as at `recover()`
 # (in maildrop, pickup would copy only its pending recipients and the notices would be lost: requeue.py).
-_GIVE_BACK = (f"UPDATE message SET queue = CASE WHEN NOT requeue THEN 'deferred' WHEN {OWES_NOTICES} THEN 'incoming'"
-              f" ELSE 'maildrop' END, requeue = requeue AND {OWES_NOTICES}, next_attempt = ?, from_logged = 0"
-              " WHERE id = ? AND queue = 'active'")
+# Its parameters: the queue it goes back to (unless requeued), its next_attempt (None: kept), from_logged, the id.
+_GIVE_BACK = (f"UPDATE message SET queue = CASE WHEN NOT requeue THEN ? WHEN {OWES_NOTICES} THEN 'incoming'"
+              f" ELSE 'maildrop' END, requeue = requeue AND {OWES_NOTICES}, next_attempt = coalesce(?, next_attempt),"
+              " from_logged = ? WHERE id = ? AND queue = 'active'")
+_SIDES = ("incoming", "deferred")  # a DUE row's `side`: the queue it was claimed from
+_FROM_LOGGED_AT = _MESSAGE_KINDS.names.index("from_logged")
+
+
+def _as_scanned(row: tuple) -> tuple:
+    """_GIVE_BACK's parameters for a DUE row claimed by a take that could not hand it out: the row as it was before
+    the claim, in its own queue (new mail stays new: no deferral a queue listing would show, no change of side in
+    the alternation), due when it was, its from= line owed or not as before (new mail's was logged by cleanup)."""
+    from_logged = row[_FROM_LOGGED_AT]
+    return _SIDES[row[_SIDE_AT]], None, from_logged if type(from_logged) is int else 0, row[0]
 
 # The end of an attempt of a message an operator held and released while it was in hand, and that no scan claimed
 # since (no room): deferred and due at the release's time, it is deferred as the end means, the attempt counted. (A

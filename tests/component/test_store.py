@@ -1201,25 +1201,26 @@ async def test_never_due_finds_both_kinds_of_unreachable_message_in_one_read(sto
 
 async def test_a_take_whose_recipients_cannot_be_read_gives_its_rows_back(store, monkeypatch):
     """A big message's recipients are read after the claim: when that read fails, the claimed rows are given back
-    (due now) before the error goes on to the scan, instead of staying active with nobody holding them."""
+    before the error goes on to the scan, instead of staying active with nobody holding them; each as it was, in
+    its own queue: new mail is not made deferred (a listing would show it deferred for no reason, and qmgr would
+    log a second from= line for it), a deferred message keeps its time."""
     monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
     await store.insert_many([new("BIG", *(f"user{i:02d}@example.test" for i in range(20))),
                              new("SMALL", "a@example.test", arrival=T0 + 1)])
+    await store.claim(["BIG"], T0)
+    await store.finish(Delivered("BIG", T0 + 5))
     read = store._reader.fetchall
-
-    async def failing(sql, params=()):
-        if sql == daemon._FIRST_RECIPIENTS:
-            raise sqlite3.OperationalError("disk I/O error")
-        return await read(sql, params)
-
-    monkeypatch.setattr(store._reader, "fetchall", failing)
+    failing_recipient_reads(store, monkeypatch)
     with pytest.raises(sqlite3.OperationalError):
-        await store.take(T0 + 1, 10)
-    assert await store.counts() == {"deferred": 2}
+        await store.take(T0 + 10, 10)
+    assert await store.counts() == {"incoming": 1, "deferred": 1}
     monkeypatch.setattr(store._reader, "fetchall", read)
-    taken = await store.take(T0 + 1, 10)
-    assert sorted(m.queue_id for m in taken) == ["BIG", "SMALL"]
-    assert len(next(m for m in taken if m.queue_id == "BIG").recipients) == 20
+    assert await store._reader.fetchall("SELECT id, next_attempt FROM message WHERE queue = 'deferred'") == [
+        ("BIG", T0 + 5)]
+    taken = {m.queue_id: m for m in await store.take(T0 + 10, 10)}
+    assert sorted(taken) == ["BIG", "SMALL"]
+    assert len(taken["BIG"].recipients) == 20
+    assert (taken["SMALL"].from_logged, taken["BIG"].from_logged) == (True, False)
 
 
 def failing_recipient_reads(store: Store, monkeypatch) -> None:
