@@ -31,7 +31,8 @@ Contract
   holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
   the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
   rows, and the attempt finds the message gone; a read that fails gives the scan's claimed rows back as they were
-  (each to its queue, due when it was) before the error is raised.
+  (each to its queue, due when it was) before the error is raised; when that write fails too, the next take's
+  transaction gives them back first (they would stay active, held by nobody, until the next start).
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
   reads asked for in the same loop turn are one query. `reads` and `commits` count reader and writer hops;
@@ -93,6 +94,7 @@ class Store(OperatorQueries, RequeueQueries):
         self._committer = committer
         self._contents = BatchLoader(self._fetch_contents)
         self._scanned: dict[QueueId, Content] = {}  # small contents read by due(), for the ids claim() then took
+        self._unreturned: list[tuple] = []  # _GIVE_BACK's rows a failed take could not write: the next take's
         self.content_dir = content_dir
 
     @classmethod
@@ -175,13 +177,28 @@ class Store(OperatorQueries, RequeueQueries):
         """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
         read with it is handed out by `content()` as due()'s. When the messages cannot be made of the rows claimed
         (the read of a big one's recipients failed), the rows are given back as they were, each to the queue it
-        came from, before the error is raised: nobody would hold them active until the next start."""
-        rows = await self._committer.write([], call=lambda con: _take(con, self._due_params(now, limit), limit, now))
+        came from, before the error is raised: nobody would hold them active until the next start. When that
+        write fails too, the next take's transaction gives them back before its scan."""
+        unreturned, self._unreturned = self._unreturned, []
+        try:
+            rows = await self._committer.write([(_GIVE_BACK, unreturned)] if unreturned else [],
+                                               call=lambda con: _take(con, self._due_params(now, limit), limit, now))
+        except BaseException:
+            self._unreturned = unreturned + self._unreturned
+            raise
         try:
             return await self._scan_result(rows)
         except Exception:
-            await self._committer.write([(_GIVE_BACK, [_as_scanned(row) for row in rows])])
+            await self._give_back_scanned([_as_scanned(row) for row in rows])
             raise
+
+    async def _give_back_scanned(self, rows: list[tuple]) -> None:
+        """_GIVE_BACK's `rows` written; kept for the next take's transaction when the write fails (the error that
+        made them given back is the one raised)."""
+        try:
+            await self._committer.write([(_GIVE_BACK, rows)])
+        except Exception:
+            self._unreturned += rows
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
         """Record what one delivery job did, as soon as it is back (lingering: see the module doc): each

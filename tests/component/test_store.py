@@ -1272,3 +1272,31 @@ async def test_a_message_given_back_owing_notices_stays_marked_in_incoming(store
     await requeued_owing_a_notice(store, "Q1")
     await store.give_back("Q1", T0 + 600)
     assert await queue_requeue_owed(store, "Q1") == ("incoming", 1, 1)
+
+
+async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next_take(store, monkeypatch):
+    """The read of a big message's recipients fails, and so does the write giving the claimed rows back (a disk
+    full): the rows are not left active with nobody holding them until the next start; the next take's transaction
+    gives them back before its scan, which takes them."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert_many([new("BIG", *(f"user{i:02d}@example.test" for i in range(20))),
+                             new("SMALL", "a@example.test", arrival=T0 + 1)])
+    read, write = store._reader.fetchall, store._committer.write
+
+    async def failing_give_back(ops, **kw):
+        if ops and ops[0][0] == daemon._GIVE_BACK:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await write(ops, **kw)
+
+    failing_recipient_reads(store, monkeypatch)
+    monkeypatch.setattr(store._committer, "write", failing_give_back)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        await store.take(T0 + 1, 10)
+    assert await store.counts() == {"active": 2}
+    monkeypatch.setattr(store._reader, "fetchall", read)
+    monkeypatch.setattr(store._committer, "write", write)
+    taken = await store.take(T0 + 1, 10)
+    assert sorted(m.queue_id for m in taken) == ["BIG", "SMALL"]
+    assert len(next(m for m in taken if m.queue_id == "BIG").recipients) == 20
+    assert await store.counts() == {"active": 2}
+    assert await store.take(T0 + 1, 10) == []  # (given back once: nothing is given back again)
