@@ -325,15 +325,12 @@ class Store(OperatorQueries, RequeueQueries):
         pending: list[Recipient] = []
         owed: list[RcptResult] = []
         problems = [message.damage] if message.damage else []
-        originals: dict[str, str] = {}  # (one str for each original: a list's members share their list's)
         rows = await self._reader.fetchall(_FIRST_RECIPIENTS, (message.queue_id, RECIPIENT_SLICE))
         while True:
-            _sort_recipients(rows, pending, owed, problems, originals=originals)
+            _split_recipients(rows, pending, owed, problems)  # (in envelope order already: ORDER BY idx)
             if len(rows) < RECIPIENT_SLICE or type(rows[-1][0]) is not int:
                 break  # (an idx that is no number sorts after them all, and makes the message damaged: set aside)
             rows = await self._reader.fetchall(_NEXT_RECIPIENTS, (message.queue_id, rows[-1][0], RECIPIENT_SLICE))
-        pending.sort(key=lambda r: r.index)
-        owed.sort(key=lambda r: r.recipient.index)
         return replaced(message, recipients=tuple(pending), owed=tuple(owed), damage="; ".join(problems))
 
     async def never_due(self) -> list[tuple[QueueId, str]]:
@@ -447,10 +444,12 @@ DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more
 DECODE_INLINE_TEXT = 64 << 10  # characters of their recipients' JSON (some 300 recipients) decoded on the loop
 RECIPIENTS_IN_SCAN = 1000  # a message of more recipients has them read apart, not as JSON in its DUE row
 RECIPIENT_SLICE = 2000  # rows of those a reader hop (`Store._with_recipients`)
-# a slice of a message's recipients still to do (pending, or with a notice owed), in envelope order (the primary key)
+# a recipient row still to do: pending, or with a notice owed (DUE's and _RECIPIENTS_TO_DO's)
+_TO_DO = "(status NOT IN ('sent', 'bounced') OR notice = 1)"
+# a slice of a message's recipients still to do, in envelope order (the primary key)
 _RECIPIENTS_TO_DO = f"""
 SELECT {_RECIPIENT_KINDS.select_list} FROM recipient
-WHERE message_id = ? {{}} AND (status NOT IN ('sent', 'bounced') OR notice = 1) ORDER BY idx LIMIT ?
+WHERE message_id = ? {{}} AND {_TO_DO} ORDER BY idx LIMIT ?
 """
 _FIRST_RECIPIENTS = _RECIPIENTS_TO_DO.format("")
 _NEXT_RECIPIENTS = _RECIPIENTS_TO_DO.format("AND idx > ?")  # (after the last one's idx, whatever its kind)
@@ -467,7 +466,7 @@ DUE = f"""
 SELECT {_MESSAGE_KINDS.select_list},
        CASE WHEN (SELECT count(*) FROM recipient WHERE message_id = m.id) <= :in_scan THEN
          (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
-          WHERE message_id = m.id AND (status NOT IN ('sent', 'bounced') OR notice = 1)) END,
+          WHERE message_id = m.id AND {_TO_DO}) END,
        (SELECT count(*) FROM recipient WHERE message_id = m.id),
        side, next_attempt, c.data, c.body
 FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)
@@ -536,26 +535,28 @@ def _due_message(row: tuple) -> QueuedMessage:
     text = row[_RECIPIENTS_AT]
     if text is not None:  # (None: more than RECIPIENTS_IN_SCAN, read apart: `Store._with_recipients`)
         suspect = type(text) is not str  # NotUtf8: the text of a recipient is not UTF-8
-        _sort_recipients(json.loads(text), pending, owed, problems, suspect=suspect)
-    pending.sort(key=lambda r: r.index)
+        _split_recipients(json.loads(text), pending, owed, problems, suspect=suspect)
+    pending.sort(key=lambda r: r.index)  # (json_group_array keeps no order)
     owed.sort(key=lambda r: r.recipient.index)
     return _queued_message(values, pending, owed, row[_NRCPT_AT], "; ".join(problems))
 
 
-def _sort_recipients(rows: Iterable[Sequence], pending: list[Recipient], owed: list[RcptResult],
-                     problems: list[str], *, suspect: bool = False, originals: dict[str, str] | None = None) -> None:
-    """Recipient rows (`_RECIPIENT_KINDS`) into `pending` Recipients, `owed` results (recorded, their notice still
-    owed) and `problems` (damaged rows); `originals`, when given, shares one str among equal originals."""
+def _split_recipients(rows: Iterable[Sequence], pending: list[Recipient], owed: list[RcptResult],
+                      problems: list[str], *, suspect: bool = False) -> None:
+    """Recipient rows (`_RECIPIENT_KINDS`) split into `pending` Recipients, `owed` results (recorded, their notice
+    still owed) and `problems` (damaged rows), each in the rows' order. A pending recipient whose original is the
+    one before's shares its str (an expanded list's members, in a row: one str, not one each)."""
+    previous = None
     for fields in rows:
         fields, damage = checked(fields, _RECIPIENT_KINDS, suspect=suspect)
         if damage:
             problems.append(f"recipient {fields[0]}: {damage}")
         elif fields[5] == "pending":
-            if originals is None:
-                pending.append(Recipient(*fields[:5]))
-            else:
-                index, address, original, notify, orcpt = fields[:5]
-                pending.append(Recipient(index, address, originals.setdefault(original, original), notify, orcpt))
+            index, address, original, notify, orcpt = fields[:5]
+            if original == previous:
+                original = previous
+            previous = original
+            pending.append(Recipient(index, address, original, notify, orcpt))
         else:
             owed.append(_recorded_result(fields))
 

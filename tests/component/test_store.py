@@ -1300,3 +1300,17 @@ async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next
     assert len(next(m for m in taken if m.queue_id == "BIG").recipients) == 20
     assert await store.counts() == {"active": 2}
     assert await store.take(T0 + 1, 10) == []  # (given back once: nothing is given back again)
+
+
+async def test_recipients_of_one_original_in_a_row_share_its_str(store, monkeypatch):
+    """The members of an expanded list, in a row, share one str for their original, whether their rows came as the
+    scan's JSON or in slices after it (a dict of every distinct original grew with them)."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    for qid, count in (("SMALL", 5), ("BIG", 20)):
+        await store.insert(NewMessage(qid, "a@remote.test", T0, Content.of(b"Subject: s\r\n\r\nb\r\n"),
+                                      tuple(Recipient(i, f"m{i:02d}@example.test", "list@example.test")
+                                            for i in range(count))))
+    for message in await store.take(T0, 10):
+        first = message.recipients[0].original
+        assert all(r.original is first for r in message.recipients), message.queue_id
+        assert [r.index for r in message.recipients] == list(range(len(message.recipients)))
