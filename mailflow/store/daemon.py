@@ -287,10 +287,10 @@ class Store(OperatorQueries, RequeueQueries):
         """Up to `limit` messages due for delivery, new mail and deferred mail alternating (so a retry storm
         cannot starve fresh mail), each side oldest first. Two index range scans, never a full scan.
 
-        One statement, one reader hop (`DUE`): the messages with their recipients (JSON; past RECIPIENTS_IN_SCAN
-        a hop a slice of them: `_with_recipients`) and the content of
+        One statement, one reader hop (`DUE`): the messages with their recipients (JSON) and the content of
         those held in their rows (up to SCAN_CONTENT_SIZE each, SCAN_CONTENT_BUDGET in all: half for new mail,
-        half for deferred, each in its order).
+        half for deferred, each in its order); a message of more than RECIPIENTS_IN_SCAN recipients has them read
+        after it, a hop each RECIPIENT_SLICE (`_with_recipients`).
         `content()` hands it out once, without a read of its own, for a message that `claim()` then took and
         `finish()` has not removed; the rest is dropped at the claim, and what is not asked for by the next
         `due()` then (a later `content()` reads the row)."""
@@ -320,8 +320,11 @@ class Store(OperatorQueries, RequeueQueries):
         """`message` (a DUE row of more than RECIPIENTS_IN_SCAN recipients) with its recipients, read
         RECIPIENT_SLICE rows a reader hop in envelope order and made into Recipients (and owed results) slice by
         slice: the rows as one JSON text (100 MB for 1 000 000 recipients, built by SQLite, then as a str, then
-        decoded into lists) were the peak of the process's memory. Read after the claim: the message is active,
-        qmgr's alone; an operator's delete meanwhile leaves fewer rows, and the attempt finds it gone."""
+        decoded into lists) were the peak of the process's memory. These hops come after the message's row was read
+        (in take(), after its claim), and nothing stops the rows changing in between: an operator's delete leaves
+        fewer of them (the attempt then finds the message gone), and the attempt of a message qmgr still has in
+        hand (held and released meanwhile, so claimed again) may record results; qmgr admits no such copy
+        (its `_released_in_hand`, `_claimed_stale`). due() claims nothing: its hops read the rows as they are then."""
         pending: list[Recipient] = []
         owed: list[RcptResult] = []
         problems = [message.damage] if message.damage else []
