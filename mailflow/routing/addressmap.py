@@ -198,11 +198,12 @@ class AddressMapper:
         envelope edits (MilterEdits), whose BCC copies come last, as Postfix's milters run last."""
         out: list[Recipient] = []
         seen: set[tuple[str, ...]] = set()
-        # the final addresses met, folded, by the rest of their duplicate key (`_duplicate_key`): one set a key, of
-        # the addresses themselves when already lower case, not a tuple and a folded copy per address (a million
-        # recipients expanded held 250 bytes each that way). The BCC recipients' keys go in `seen`: a recipient's
-        # never equals one (its ORCPT is never empty, a BCC recipient's is).
-        met: dict[tuple[str, ...], set[str]] = {}
+        # the final addresses met, folded, by the rest of their duplicate key (`_duplicate_key`): the one address
+        # of a key, a set once a second comes (a list's), each the address itself when already lower case; not a
+        # tuple and a folded copy per address (a million recipients expanded held 250 bytes each that way), nor a
+        # set per plain recipient. The BCC recipients' keys go in `seen`: a recipient's never equals one (its
+        # ORCPT is never empty, a BCC recipient's is).
+        met: dict[tuple[str, ...], str | set[str]] = {}
         auto = auto_bcc_sender is not None
         if auto_bcc_sender:  # (the null sender is not looked up)
             self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender, seen), out, seen)
@@ -216,13 +217,21 @@ class AddressMapper:
                 continue
             rcpt_key = _duplicate_key(rcpt, expanded=len(finals) > 1)  # (once per recipient, not per address)
             finals_met = met.get(rcpt_key)
-            if finals_met is None:
-                finals_met = met[rcpt_key] = set()
             for final in finals:
                 folded = final.lower()
-                if folded not in finals_met:
-                    finals_met.add(final if folded == final else folded)
-                    out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
+                if folded == final:
+                    folded = final  # (the str itself, not an equal copy)
+                if finals_met is None:
+                    finals_met = met[rcpt_key] = folded
+                elif isinstance(finals_met, str):
+                    if folded == finals_met:
+                        continue
+                    finals_met = met[rcpt_key] = {finals_met, folded}
+                elif folded in finals_met:
+                    continue
+                else:
+                    finals_met.add(folded)
+                out.append(Recipient(len(out), final, rcpt.original, rcpt.notify, rcpt.orcpt))
             if auto and canonical and rcpt.address not in milter.added:
                 self._add_bcc(self._bcc_address(self._recipient_bcc, canonical, seen), out, seen)
         if auto:

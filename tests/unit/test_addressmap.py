@@ -396,6 +396,23 @@ def test_what_recipients_holds_beside_the_recipients_it_returns_is_small(tmp_pat
     assert (peak - kept) / len(out) < 100, f"{(peak - kept) / len(out):.0f} bytes a recipient beside them"
 
 
+def test_the_duplicate_check_of_plain_recipients_holds_no_set_each(tmp_path):
+    """A recipient that expands to one address (most of them) is kept as that address under its duplicate key, a
+    set made only when a second address comes under it: 5 000 plain RCPTs held a set each, 439 bytes a recipient
+    beside the Recipients returned (223 without; 364 before the sets)."""
+    m = virtual(tmp_path, "list@example.test a@x.test, b@x.test\n")
+    rcpts = tuple(Recipient(i, f"user{i}@example.test", f"user{i}@example.test") for i in range(5000))
+    m.recipients(rcpts[:1])  # (the table read before the trace)
+    tracemalloc.start()
+    try:
+        out = m.recipients(rcpts)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) == 5000
+    assert (peak - kept) / len(out) < 300, f"{(peak - kept) / len(out):.0f} bytes a recipient beside them"
+
+
 def test_recipients_removes_duplicates_and_keeps_each_origin(tmp_path):
     """A duplicate as Postfix's cleanup keys it: the same address (any case), NOTIFY, ORCPT and original; for an
     alias's members SUCCESS does not count (Postfix turns it off for them)."""
