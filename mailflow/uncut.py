@@ -12,7 +12,9 @@ delivered again (a stop cancels the deliveries still running at the end of its g
                               server, a disk that does not answer) is cancelled itself (a worker thread is left to
                               end on its own) and the cancel goes through, with one warning naming `what` (its
                               queue id first): the recipient stays queued, and may get a second copy after a
-                              restart, as when Postfix's delivery agent is killed in the middle of a write.
+                              restart, as when Postfix's delivery agent is killed in the middle of a write. An
+                              uncut within `work` (a recipient's destinations, one of its writes) goes through at
+                              once then, unwarned: one cut-off, one warning.
     postpone_cancel()         the cancel just caught, raised at the task's next wait instead (work that had ended
                               before the cancel reached its awaiting coroutine)
 
@@ -31,6 +33,7 @@ T = TypeVar("T")
 log = logging.getLogger("mailflow.uncut")
 
 UNCUT_LIMIT = 3.0  # seconds a cancel waits for the work under way (a local write takes milliseconds)
+_CUT_OFF = "cut off by the stop's uncut wait around it"  # (the cancel's message to the work cut off)
 
 
 async def uncut(work: Awaitable[T], what: str) -> T:
@@ -42,19 +45,28 @@ async def uncut(work: Awaitable[T], what: str) -> T:
     while not running.done():
         try:
             await asyncio.wait({running}, timeout=None if cut_off_at is None else cut_off_at - loop.time())
-        except asyncio.CancelledError:  # (a cancel of this wait leaves `running` alone)
+        except asyncio.CancelledError as cancel:  # (a cancel of this wait leaves `running` alone)
+            if cancel.args == (_CUT_OFF,):  # (the uncut around this work cut it off, and warned for both)
+                _left(running)
+                raise
             if cut_off_at is None:
                 cut_off_at = loop.time() + limit
             continue
         if cut_off_at is not None and not running.done() and loop.time() >= cut_off_at:
             log.warning("%s still under way %gs after a stop's cancel: cut off, the recipient stays queued (a "
                         "second copy may follow)", what, limit)
-            running.add_done_callback(_retrieved)
-            running.cancel()
+            _left(running)
             raise asyncio.CancelledError
     if cut_off_at is not None:
         postpone_cancel()
     return running.result()
+
+
+def _left(work: asyncio.Future) -> None:
+    """Work cut off: cancelled, an uncut within it told it was cut off with it (it goes through at once, unwarned),
+    and what it raises in the end retrieved (a worker thread is left to end on its own)."""
+    work.add_done_callback(_retrieved)
+    work.cancel(_CUT_OFF)
 
 
 def _retrieved(work: asyncio.Future) -> None:

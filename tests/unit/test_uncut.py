@@ -91,3 +91,30 @@ async def test_work_stuck_past_the_limit_lets_the_cancel_through_with_one_warnin
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["Q1: the write of new/1 still under way 0.2s after a stop's cancel: cut off, the recipient "
                         "stays queued (a second copy may follow)"]
+
+
+async def test_a_cut_off_of_work_around_another_uncut_write_warns_once(monkeypatch, caplog):
+    """A recipient's several destinations (uncut) and, within them, one write (uncut) stuck past the limit: the
+    outer cut-off cancelled the destinations, whose write's uncut took that as a cancel of its own, waited the
+    limit again and warned a second time. The outer warning covers both: one line."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.2)
+    release = threading.Event()
+
+    async def destinations() -> str:
+        return await uncut(asyncio.to_thread(release.wait, 10), "Q1: the write of new/1")
+
+    async def agent() -> str:
+        return await uncut(destinations(), "Q1: the delivery of <team@example.test> to its 2 destinations")
+
+    task = asyncio.create_task(agent())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        await asyncio.sleep(0.5)  # (past the inner write's own limit, had it started one at the outer cut-off)
+    finally:
+        release.set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Q1: the delivery of <team@example.test> to its 2 destinations still under way 0.2s after a "
+                        "stop's cancel: cut off, the recipient stays queued (a second copy may follow)"]
