@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import threading
+from typing import Iterator
 
 import pytest
 
@@ -273,75 +274,87 @@ async def test_a_stop_records_what_an_lmtp_peer_took_before_the_cut_so_a_restart
         await server.wait_closed()
 
 
+class HeldMaildirWrite:
+    """A server whose virtual mailbox carol@virtual.test gets its Maildir file from a worker thread that, once it
+    began (`writing`), waits for `release` (20 s at most) before it writes; `let_go()`: the writes as they were
+    (a restart's)."""
+
+    def __init__(self, tmp_path, monkeypatch) -> None:
+        self.release, self.writing = threading.Event(), threading.Event()
+        self.maildir = tmp_path / "vmail" / "virtual.test" / "carol"
+        self.config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
+                                        "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
+                                        "virtual_mailbox_base": str(tmp_path / "vmail")})
+        self._write, self._monkeypatch = maildir.write_maildir_file, monkeypatch
+        monkeypatch.setattr(maildir, "write_maildir_file", self._held)
+
+    def _held(self, *args, **kwargs):
+        self.writing.set()
+        self.release.wait(20)
+        return self._write(*args, **kwargs)
+
+    async def sent(self, mf: Mailflow) -> None:
+        """A message for carol sent to `mf`, returned once its write began."""
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(self.writing.is_set, what="the write began")
+
+    def let_go(self) -> None:
+        self._monkeypatch.setattr(maildir, "write_maildir_file", self._write)
+
+
+@pytest.fixture
+def held_maildir_write(tmp_path, monkeypatch) -> Iterator[HeldMaildirWrite]:
+    held = HeldMaildirWrite(tmp_path, monkeypatch)
+    yield held
+    held.release.set()  # (a thread a failed test left waiting)
+
+
 async def test_a_stop_waits_for_a_maildir_write_under_way_and_records_it_so_a_restart_delivers_it_once(
-        tmp_path, monkeypatch):
+        tmp_path, held_maildir_write):
     """The stop's cancel came while virtual's worker thread wrote carol's file: the thread went on and put it in
     new/, but the result was lost with the cancel, and the restart wrote a second copy. The cancel now waits for
     the write (a local file: it ends on its own) and the result is recorded."""
-    release, writing = threading.Event(), threading.Event()
-    write = maildir.write_maildir_file
-
-    def slow_write(*args, **kwargs):
-        writing.set()
-        release.wait(10)
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(maildir, "write_maildir_file", slow_write)
-    config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
-                               "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
-                               "virtual_mailbox_base": str(tmp_path / "vmail")})
-    mf = Mailflow(config, shutdown_grace=0.1)
+    held = held_maildir_write
+    mf = Mailflow(held.config, shutdown_grace=0.1)
     await mf.start()
     try:
-        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
-        await eventually(writing.is_set, what="the write began")
-        asyncio.get_running_loop().call_later(0.6, release.set)  # well after the grace's cancel
+        await held.sent(mf)
+        asyncio.get_running_loop().call_later(0.6, held.release.set)  # well after the grace's cancel
     finally:
         await asyncio.wait_for(mf.stop(), 5)
-    assert release.is_set(), "the stop did not wait for the write"
+    assert held.release.is_set(), "the stop did not wait for the write"
     assert queue_counts(tmp_path / "queue" / "queue.db") == {}
 
-    monkeypatch.setattr(maildir, "write_maildir_file", write)
-    mf = Mailflow(config, shutdown_grace=0.1)
+    held.let_go()
+    mf = Mailflow(held.config, shutdown_grace=0.1)
     await mf.start()
     try:
         await queue_becomes(mf.store, {})
     finally:
         await mf.stop()
-    assert len(maildir_messages(tmp_path / "vmail" / "virtual.test" / "carol")) == 1
+    assert len(maildir_messages(held.maildir)) == 1
 
 
-async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_limit(tmp_path, monkeypatch, caplog):
+async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_limit(tmp_path, monkeypatch, caplog,
+                                                                                     held_maildir_write):
     """A write that never ends (a mailbox on a dead NFS server) held the stop for ever once the stop's cancel
     waited for mailbox writes. It waits UNCUT_LIMIT seconds, then the cancel goes through with one warning: the
     recipient stays queued (active, taken again after the next start), as when Postfix's agent is killed."""
     monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.5)
-    release, writing = threading.Event(), threading.Event()
-    write = maildir.write_maildir_file
-
-    def stuck_write(*args, **kwargs):
-        writing.set()
-        release.wait(20)
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(maildir, "write_maildir_file", stuck_write)
-    config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
-                               "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
-                               "virtual_mailbox_base": str(tmp_path / "vmail")})
-    mf = Mailflow(config, shutdown_grace=0.1)
+    held = held_maildir_write
+    mf = Mailflow(held.config, shutdown_grace=0.1)
     await mf.start()
     try:
-        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
-        await eventually(writing.is_set, what="the write began")
+        await held.sent(mf)
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(mf.stop(), 5)
         assert asyncio.get_running_loop().time() - started < 3
     finally:
-        release.set()
+        held.release.set()
     assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
     cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
-    assert len(cut) == 1 and re.match(rf"\w+: the write of {tmp_path}/vmail/virtual.test/carol/new/\S+ still under "
-                                      r"way 0.5s after a stop's cancel", cut[0]), cut
+    assert len(cut) == 1 and re.match(rf"\w+: the write of {held.maildir}/new/\S+ still under way 0.5s "
+                                      r"after a stop's cancel", cut[0]), cut
 
 
 async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member_once(tmp_path, monkeypatch):
