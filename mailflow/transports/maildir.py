@@ -98,7 +98,8 @@ class MaildirWriter:
         write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut)."""
         name = self.unique_name()
         unsynced = await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner,
-                                                 size_limit), f"{queue_id}: the write of {maildir}/new/{name}")
+                                                 size_limit, queue_id=queue_id),
+                               f"{queue_id}: the write of {maildir}/new/{name}")
         if unsynced is not None:
             warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
 
@@ -229,13 +230,14 @@ class MaildirTransport:
 
 
 def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content, owner: Owner | None = None,
-                       size_limit: int = 0, *, writing: Progress | None = None) -> OSError | None:
+                       size_limit: int = 0, *, writing: Progress | None = None, queue_id: str = "") -> OSError | None:
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
     message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
     down, through fds that never follow a symbolic link) and the file get that uid and gid. `writing` (a child's
     clock, asuser.Progress): told before the first write and after each piece, ended once the file is fsynced
     (then nothing interrupts the rename: a message renamed into new/ is never reported as failed); an
-    interruption before that removes the file from tmp/ as any failure does."""
+    interruption before that removes the file from tmp/ as any failure does (a removal that fails is warned about,
+    keyed by `queue_id`; "" in call_as's child, whose caller keys its lines)."""
     creating = f"create maildir file {maildir / 'tmp' / name}"  # (the step of all before the write, in Postfix's words)
     with _step(creating):
         dir_fd = open_directory(maildir, owner)
@@ -258,7 +260,7 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
             if writing is not None:
                 writing.ended()  # (the unlink is not interrupted: only the parent's last resort stops it)
             if fd >= 0 or not isinstance(e, OSError):  # (an OSError of the open: no file of ours to remove)
-                _remove_from_tmp(name, subs["tmp"], maildir)
+                _remove_from_tmp(name, subs["tmp"], maildir, queue_id)
             raise
         try:
             os.fsync(subs["new"])
@@ -270,14 +272,14 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
             os.close(fd)
 
 
-def _remove_from_tmp(name: str, tmp_fd: int, maildir: Path) -> None:
+def _remove_from_tmp(name: str, tmp_fd: int, maildir: Path, queue_id: str) -> None:
     """Never leave a message in tmp/, partial or not moved (Postfix's too). A file already gone (the Maildir is the
     user's: it may remove it) or one that cannot be removed is warned about, as Postfix's `remove %s: %m`, and the
     failure that brought us here stays the one told."""
     try:
         os.unlink(name, dir_fd=tmp_fd)
     except OSError as e:
-        log.warning("remove %s: %s", maildir / "tmp" / name, e.strerror or e)
+        log.warning("%sremove %s: %s", f"{queue_id}: " if queue_id else "", maildir / "tmp" / name, e.strerror or e)
 
 
 def _write_message(f: BinaryIO, prefix: bytes, content: Content, size_limit: int,

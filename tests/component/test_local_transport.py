@@ -16,6 +16,8 @@ import contextlib
 import concurrent.futures
 import ctypes
 import errno
+import importlib
+import logging
 import mailbox
 import re
 
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -1168,3 +1171,55 @@ def test_a_kill_of_the_servers_process_group_mid_append_leaves_the_file_whole_or
     assert written == before or (written.startswith(before) and written.endswith(b"9" * 200_000 + b"\n\n")), \
         written[len(before):len(before) + 200]
     assert not mbox.dotlock_path(archive).exists()
+
+
+def _logs_a_line_then(module: str, name: str, *args, **kwargs):
+    """(in call_as's child, sent pickled by name) a warning logged, then the real module.name(*args)"""
+    logging.getLogger("mailflow.local").warning("a line of the child's")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files are read by a child as the user only as root")
+@pytest.mark.parametrize("read", ["forward", "include"])
+async def test_as_root_the_lines_of_a_child_reading_a_forward_or_include_file_are_keyed_by_the_queue_id(
+        tmp_path, public_dir, monkeypatch, caplog, read):
+    """A .forward of a system user (nobody) and an :include: file a .forward names are read by call_as's children;
+    the lines they logged came without the queue id."""
+    if read == "forward":
+        monkeypatch.setattr(aliasing, "read_forward", partial(_logs_a_line_then, aliasing.__name__, "read_forward"))
+        (tmp_path / "mail" / "nobody").mkdir(parents=True)
+        (tmp_path / "mail" / "nobody" / ".forward").write_text("carol@remote.test\n")
+        rcpt = "nobody@example.test"
+    else:
+        monkeypatch.setattr(aliasing, "_file_or_nothing",
+                            partial(_logs_a_line_then, aliasing.__name__, "_file_or_nothing"))
+        (public_dir / "team").write_text("carol@remote.test\n")
+        (tmp_path / "mail" / "bob").mkdir(parents=True)
+        (tmp_path / "mail" / "bob" / ".forward").write_text(f":include:{public_dir / 'team'}\n")
+        rcpt = "bob@example.test"
+    t = transport(tmp_path, anyone_is_local=True)
+    try:
+        with caplog.at_level(logging.WARNING, "mailflow.local"):
+            await asyncio.wait_for(t.deliver(request(rcpt)), 30)
+    finally:
+        await t.close()
+    assert "Q1: a line of the child's" in caplog.messages, caplog.messages
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_as_root_the_warning_of_a_file_append_s_child_is_keyed_by_the_queue_id(tmp_path, public_dir, caplog):
+    """A /file in a directory its writer (default_privs) may not write: local(8) appends without the dotlock and
+    warns; the child's warning came without the queue id."""
+    closed = public_dir / "closed"
+    closed.mkdir(mode=0o755)
+    archive = closed / "archive"
+    archive.touch(mode=0o666)
+    archive.chmod(0o666)
+    t = transport(tmp_path, f"keep: {archive}\n")
+    try:
+        with caplog.at_level(logging.WARNING, "mailflow.local"):
+            [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 30)).results
+    finally:
+        await t.close()
+    assert result.outcome is Outcome.SENT, result
+    assert f"Q1: unable to create lock file {archive}.lock: Permission denied" in caplog.messages, caplog.messages

@@ -54,7 +54,8 @@ async def test_a_tmp_file_already_gone_at_the_cleanup_leaves_the_failure_that_br
                                                                                           caplog):
     """A Maildir the user owns (a local /dir/ destination) may lose its tmp/ file before the cleanup's unlink: that
     unlink's ENOENT replaced the write's own failure (EFBIG past the size limit, a bounce 5.2.2, became `No such file
-    or directory`, a deferral). Postfix warns `remove PATH: why` and keeps its result."""
+    or directory`, a deferral). Postfix warns `remove PATH: why` and keeps its result; the warning is keyed by the
+    queue id."""
     real_unlink = os.unlink
 
     def unlink_gone(path, *, dir_fd=None):
@@ -64,10 +65,10 @@ async def test_a_tmp_file_already_gone_at_the_cleanup_leaves_the_failure_that_br
     box = tmp_path / "Maildir"
     with caplog.at_level(logging.WARNING, logger="mailflow.maildir"), pytest.raises(OSError) as failed:
         big = Content.of(b"Subject: s\r\n\r\n" + b"b" * 500)
-        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", big, size_limit=100)
+        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", big, size_limit=100, queue_id="Q1")
     assert write_failure(failed.value) == (Outcome.BOUNCED, "5.2.2",
                                                 "maildir delivery failed: error writing message: File too large")
-    assert [r.getMessage().startswith(f"remove {box}/tmp/") for r in caplog.records] == [True], caplog.text
+    assert [r.getMessage().startswith(f"Q1: remove {box}/tmp/") for r in caplog.records] == [True], caplog.text
 
 
 async def test_a_message_in_new_is_delivered_when_the_fsync_of_new_fails_after_it(tmp_path, monkeypatch, caplog):

@@ -270,7 +270,8 @@ class LocalTransport:
         expansion ends, also when the delivery was cancelled or a sqlite table's deadline fired. Its warnings are
         logged once."""
         warnings: list[str] = []
-        expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
+        expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append,
+                         queue_id=queue_id)
         try:
             try:
                 return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))

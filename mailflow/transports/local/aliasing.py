@@ -250,9 +250,10 @@ def _small_file_bytes_stat(path: Path) -> tuple[bytes, os.stat_result] | None:
     return data, st
 
 
-def _small_file_bytes_as(path: Path, user: str) -> bytes | None:
-    """`_small_file_bytes` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root)."""
-    data = call_as(user, f"read {path}", _file_or_nothing, path)
+def _small_file_bytes_as(path: Path, user: str, queue_id: str = "") -> bytes | None:
+    """`_small_file_bytes` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root);
+    the child's log lines keyed by `queue_id`."""
+    data = call_as(user, f"read {path}", _file_or_nothing, path, queue_id=queue_id)
     return None if data[:1] == b"N" else data[1:]
 
 
@@ -312,10 +313,12 @@ def _forward_problem(st: os.stat_result, owners: tuple[int, ...], single_link: b
     return ""
 
 
-def forward_reader(user: str, forking: Callable[[], None] = lambda: None) -> tuple[str | None, Callable[[Path], bytes]]:
+def forward_reader(user: str, forking: Callable[[], None] = lambda: None,
+                   queue_id: str = "") -> tuple[str | None, Callable[[Path], bytes]]:
     """Whose rights a user's .forward carries (see "Whose rights"), and how to read it: as root, a system user's
-    own rights in a child forked only when the file is there (`forking()` called first); root's for a user with no
-    system account (only root's own single-link files); mailflow's own user's when it is not root."""
+    own rights in a child forked only when the file is there (`forking()` called first; its log lines keyed by
+    `queue_id`); root's for a user with no system account (only root's own single-link files); mailflow's own
+    user's when it is not root."""
     if os.geteuid() != 0:
         return None, partial(read_forward, owners=(0, os.geteuid()))
     try:
@@ -329,7 +332,7 @@ def forward_reader(user: str, forking: Callable[[], None] = lambda: None) -> tup
         if not os.path.lexists(path):
             return b"N"
         forking()
-        return call_as(user, f"read {path}", read_forward, path, (0, uid))
+        return call_as(user, f"read {path}", read_forward, path, (0, uid), queue_id=queue_id)
     return user, as_user
 
 
@@ -379,8 +382,10 @@ class ExpansionTooBig(Exception):
 class _Expansion:
     """The state of one recipient's expansion: what was seen, what came out."""
 
-    def __init__(self, delivered_to: frozenset[str], warn: Callable[[str], None], leaf_budget: int | None = None):
+    def __init__(self, delivered_to: frozenset[str], warn: Callable[[str], None], leaf_budget: int | None = None,
+                 queue_id: str = ""):
         self.delivered_to = delivered_to
+        self.queue_id = queue_id  # (what the lines of a child reading a file as a user are keyed by)
         self.warn = warn
         self.leaf_budget = leaf_budget
         self.forwards_done: set[str | None] = set()  # .forward files expanded (local(8)'s "forward-done")
@@ -498,12 +503,13 @@ class LocalExpander:
 
     def expand_recipient(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                          warn: Callable[[str], None] = log.warning,
-                         leaf_budget: int | None = None) -> tuple[list[Met], str]:
+                         leaf_budget: int | None = None, queue_id: str = "") -> tuple[list[Met], str]:
         """Each destination met at each place that may count (`Met`), in the order local(8) reads them, and how
         the recipient itself was expanded, for its success notice (local(8)'s DSN "expanded"): "alias" by an alias
         or its .forward, "list" by an alias with an owner- alias (the sender replaced), "" not at all (its own
-        mailbox, or a refusal). `leaf_budget`: raise ExpansionTooBig rather than go past that many leaves."""
-        state = _Expansion(frozenset(a.lower() for a in delivered_to), warn, leaf_budget)
+        mailbox, or a refusal). `leaf_budget`: raise ExpansionTooBig rather than go past that many leaves.
+        `queue_id`: keys the log lines of the children reading files as users."""
+        state = _Expansion(frozenset(a.lower() for a in delivered_to), warn, leaf_budget, queue_id)
         self._visit(state, self._rewriter.qualify(addr), _Origin())
         return state.met, state.kind
 
@@ -575,7 +581,7 @@ class LocalExpander:
                       ) -> tuple[str | None, str | None, tuple[tuple[Target, ...], ...] | None]:
         """The user's .forward (its path, None when there is none), the rights it carries and what it names, line
         by line; None for the mailbox (no .forward, an empty one, or one local(8) ignores)."""
-        rights, read = forward_reader(user, state.forking)
+        rights, read = forward_reader(user, state.forking, state.queue_id)
         for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
             if path not in state.forward_files:  # (met again: a user in its own .forward, or in another's)
@@ -753,7 +759,7 @@ class LocalExpander:
         as_user = rights_for(rights, self._config.local.default_privs) if user_named else None
         if as_user is not None:  # never root's rights for what a user names
             state.forking()
-            data = _small_file_bytes_as(Path(path), as_user)
+            data = _small_file_bytes_as(Path(path), as_user, state.queue_id)
         else:
             found = _small_file_bytes_stat(Path(path))
             data = None if found is None else found[0]

@@ -51,7 +51,7 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
         with held_message(content) as held:
             args = (maildir, name, prefix, held.content, size_limit)
             if user is None:
-                return _written(*args)
+                return _written(*args, queue_id)
             return call_as(user, "write", _written, *args, timeout=FILE_START_TIMEOUT, marked=True,
                            then=write_limit, keep=held.descriptors, queue_id=queue_id)
 
@@ -62,13 +62,15 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
         warn_unsynced(queue_id, maildir, name, unsynced.decode("utf-8", "replace"))
 
 
-def _written(maildir: Path, name: str, prefix: bytes, content: Content, size_limit: int, *,
+def _written(maildir: Path, name: str, prefix: bytes, content: Content, size_limit: int, queue_id: str = "", *,
              writing: Progress | None = None) -> bytes:
     """The file written (in the child, as the user, or as mailflow): b"" once in new/, the reason new/ could not
     be synced after it; an OS error raised as the DeliveryError write_failure makes of it (a child reports that one
-    as itself: an OSError would come back as 4.3.0 "cannot write as USER")."""
+    as itself: an OSError would come back as 4.3.0 "cannot write as USER"). Its warning keyed by `queue_id` (none
+    in the child: call_as keys the lines it sends)."""
     try:
-        unsynced = write_maildir_file(maildir, name, prefix, content, size_limit=size_limit, writing=writing)
+        unsynced = write_maildir_file(maildir, name, prefix, content, size_limit=size_limit, writing=writing,
+                                      queue_id=queue_id)
     except OSError as e:
         outcome, dsn, text = write_failure(e)
         raise (PermanentError if outcome is Outcome.BOUNCED else TemporaryError)(dsn, text) from None

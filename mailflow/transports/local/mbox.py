@@ -261,7 +261,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     about.
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
-    `queue_id`: keys the warning of a stop that cuts a stuck append off (mailflow.uncut).
+    `queue_id`: keys the warning of a stop that cuts a stuck append off (mailflow.uncut), and the lines a child
+    writing as `user` logs.
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
     written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). A HeldEntry is
     built in the writing thread, each attempt, from descriptors that attempt opens, keeps open in the child
@@ -275,7 +276,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
         with _built(entry) as (body, keep):
             if user is None:
                 return _append_once(Path(path), body, *rest, warn_no_dotlock)
-            return _append_once_as(user, write_limit, keep, Path(path), body, *rest, warn_no_dotlock)
+            return _append_once_as(user, write_limit, keep, queue_id, Path(path), body, *rest, warn_no_dotlock)
 
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
@@ -341,7 +342,8 @@ def _busy(path: Path, style: LockStyle) -> TemporaryError:
     return TemporaryError("4.2.0", f"unable to lock for exclusive access: {os.strerror(errno.EAGAIN)}")
 
 
-def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...], *args) -> LockStyle | None:
+def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...], queue_id: str,
+                    *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process asuser.call_as has its helper fork (this thread waits);
     its DeliveryError comes back as itself, the lock it found busy as its name. A child that has not started writing
     within FILE_START_TIMEOUT s (a file whose open, lock or stat never answers) is stopped by its own timer (the
@@ -349,9 +351,10 @@ def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...],
     it writes, a write or fsync that makes no progress for `write_limit` s (its thread is the caller's, and a hung
     one held it until a restart) is interrupted by the child's own timer and rolled back (truncated, the dotlock
     removed: 4.3.0 "writing made no progress"); the child is killed only asuser.KILL_GRACE s after that, when
-    the roll back itself hangs (then the file may keep what was written)."""
+    the roll back itself hangs (then the file may keep what was written). The child's log lines (a dotlock it
+    could not make) are keyed by `queue_id`."""
     busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True,
-                   then=write_limit, keep=keep).decode("ascii")
+                   then=write_limit, keep=keep, queue_id=queue_id).decode("ascii")
     return cast(LockStyle, busy) if busy else None
 
 
