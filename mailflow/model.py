@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import field
-from typing import Any, AsyncIterator, Callable, NamedTuple, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 
 from mailflow.content import Content
 from mailflow.records import record
@@ -282,6 +282,9 @@ class DeliveryRequest:
     # qmgr's: told each result as soon as it is final (`settled`), so that a stop's cancel landing after that, before
     # the report is back, still records it (not part of the request's value: equal requests differ only here)
     on_settled: Callable[[Iterable[RcptResult]], None] | None = field(default=None, compare=False, repr=False)
+    # qmgr's too: takes the results of work a stop cut off, to come (`settled_late`)
+    on_late: Callable[[Callable[[], Awaitable[list[RcptResult]]]], None] | None = field(default=None, compare=False,
+                                                                                      repr=False)
 
     def settled(self, results: Iterable[RcptResult]) -> None:
         """An agent's word that `results` are final: the peer took the message (the SMTP and LMTP clients, at a 2xx
@@ -292,6 +295,17 @@ class DeliveryRequest:
         when the delivery is cut off."""
         if self.on_settled is not None:
             self.on_settled(results)
+
+    def settled_late(self, results: Callable[[], Awaitable[list[RcptResult]]]) -> bool:
+        """An agent's word, as a stop cuts its work off (mailflow.uncut's limit passed), that `results()` waits for
+        that work (left running: a write that ends on its own) and returns the results it makes final. qmgr waits
+        for them while it records the results already back (its RECORD_GRACE) and records them, or cancels the wait
+        (the work is cut off then: a restart delivers its recipients again). False when no one takes them (a
+        request not from qmgr): the agent cuts the work off at once."""
+        if self.on_late is None:
+            return False
+        self.on_late(results)
+        return True
 
 
 class Outcome(enum.Enum):

@@ -3,7 +3,7 @@ thread writing a mailbox, a command that has exited). Cut there, the agent's cor
 mail is delivered all the same: qmgr records only the results it gets, so after a restart the recipient is
 delivered again (a stop cancels the deliveries still running at the end of its grace).
 
-    await uncut(work, what) -> T
+    await uncut(work, what, late=None) -> T
                               `work`'s result (or what it raised); a cancel that comes meanwhile waits for `work` to
                               end and is raised at the task's next wait after it (`postpone_cancel`), so that the
                               caller hands the result on first: returned or yielded with no await in between, it
@@ -14,21 +14,34 @@ delivered again (a stop cancels the deliveries still running at the end of its g
                               queue id first): the recipient stays queued, and may get a second copy after a
                               restart, as when Postfix's delivery agent is killed in the middle of a write. An
                               uncut within `work` (a recipient's destinations, one of its writes) goes through at
-                              once then, unwarned: one cut-off, one warning.
+                              once then, unwarned: one cut-off, one warning. `late(running)`, called at the cut-off,
+                              may take the work still running over instead (True: it is not cancelled here, and the
+                              warning says its result may still be recorded; `settling_late` makes one)
+    settling_late(settle_late, made) -> late
+                              a `late` that hands qmgr the work's results to come: `settle_late(results)`
+                              (DeliveryRequest.settled_late: False, no one takes them) given `results()`, which
+                              waits for the work and returns `made(its result)` (none when it failed); a cancel of
+                              that wait (the stop gave up on it) cuts the work off (`cut_off`)
+    cut_off(work)             `work` cancelled as cut off: an uncut within it goes through at once, unwarned (a
+                              worker thread is left to end on its own)
     postpone_cancel()         the cancel just caught, raised at the task's next wait instead (work that had ended
                               before the cancel reached its awaiting coroutine)
 
 For work that ends on its own (a local file write, whose own limits hold), and for local's delivery of one
 recipient to several destinations (one result for all: cut between two, one part would be done twice or another
-never); a peer's answer is never waited for otherwise (UNCUT_LIMIT at most there).
+never); a peer's answer is never waited for otherwise (UNCUT_LIMIT at most there). A write left running past the
+limit ends whole or not at all all the same (its own limits, its roll back): local's agent hands on the result it
+will make (`settling_late`), which qmgr records when it comes while the stop records results.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
+Late = Callable[["asyncio.Future[T]"], bool]  # uncut's `late`
 
 log = logging.getLogger("mailflow.uncut")
 
@@ -36,7 +49,7 @@ UNCUT_LIMIT = 3.0  # seconds a cancel waits for the work under way (a local writ
 _CUT_OFF = "cut off by the stop's uncut wait around it"  # (the cancel's message to the work cut off)
 
 
-async def uncut(work: Awaitable[T], what: str) -> T:
+async def uncut(work: Awaitable[T], what: str, late: Late | None = None) -> T:
     """See the module docstring."""
     limit = UNCUT_LIMIT  # (read at each call: a test sets it)
     running = asyncio.ensure_future(work)
@@ -47,26 +60,47 @@ async def uncut(work: Awaitable[T], what: str) -> T:
             await asyncio.wait({running}, timeout=None if cut_off_at is None else cut_off_at - loop.time())
         except asyncio.CancelledError as cancel:  # (a cancel of this wait leaves `running` alone)
             if cancel.args == (_CUT_OFF,):  # (the uncut around this work cut it off, and warned for both)
-                _left(running)
+                cut_off(running)
                 raise
             if cut_off_at is None:
                 cut_off_at = loop.time() + limit
             continue
         if cut_off_at is not None and not running.done() and loop.time() >= cut_off_at:
-            log.warning("%s still under way %gs after a stop's cancel: cut off, the recipient stays queued (a "
-                        "second copy may follow)", what, limit)
-            _left(running)
+            if late is not None and late(running):
+                log.warning("%s still under way %gs after a stop's cancel: its result is recorded if it ends while "
+                            "the stop records results, else the recipient stays queued (a second copy may follow)",
+                            what, limit)
+            else:
+                log.warning("%s still under way %gs after a stop's cancel: cut off, the recipient stays queued (a "
+                            "second copy may follow)", what, limit)
+                cut_off(running)
             raise asyncio.CancelledError
     if cut_off_at is not None:
         postpone_cancel()
     return running.result()
 
 
-def _left(work: asyncio.Future) -> None:
-    """Work cut off: cancelled, an uncut within it told it was cut off with it (it goes through at once, unwarned),
-    and what it raises in the end retrieved (a worker thread is left to end on its own)."""
+def cut_off(work: asyncio.Future) -> None:
+    """See the module docstring. (What it raises in the end is retrieved: no error left unretrieved.)"""
     work.add_done_callback(_retrieved)
     work.cancel(_CUT_OFF)
+
+
+def settling_late(settle_late: Callable[[Callable[[], Awaitable[list[R]]]], bool],
+                  made: Callable[[T], list[R]]) -> Late:
+    """See the module docstring."""
+    def late(running: asyncio.Future[T]) -> bool:
+        async def results() -> list[R]:
+            try:
+                await asyncio.wait({running})
+            except asyncio.CancelledError:
+                cut_off(running)
+                raise
+            if running.cancelled() or running.exception() is not None:
+                return []
+            return made(running.result())
+        return settle_late(results)
+    return late
 
 
 def _retrieved(work: asyncio.Future) -> None:

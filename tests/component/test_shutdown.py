@@ -16,6 +16,7 @@ from mailflow.app import Mailflow, reload_logged
 from mailflow.stages import qmgr as qmgr_module
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.logs import MAIL_LOGGER
 from mailflow import uncut as uncut_module
 from mailflow.transports import maildir
 from mailflow.transports.local import mbox
@@ -275,16 +276,20 @@ async def test_a_stop_records_what_an_lmtp_peer_took_before_the_cut_so_a_restart
 
 
 class HeldMaildirWrite:
-    """A server whose virtual mailbox carol@virtual.test gets its Maildir file from a worker thread that, once it
-    began (`writing`), waits for `release` (20 s at most) before it writes; `let_go()`: the writes as they were
-    (a restart's)."""
+    """A server whose virtual mailbox carol@virtual.test (`local`: local delivery's alice@local.test) gets its Maildir
+    file from a worker thread that, once it began (`writing`), waits for `release` (20 s at most) before it writes;
+    `let_go()`: the writes as they were (a restart's)."""
 
-    def __init__(self, tmp_path, monkeypatch) -> None:
+    def __init__(self, tmp_path, monkeypatch, local: bool = False) -> None:
         self.release, self.writing = threading.Event(), threading.Event()
-        self.maildir = tmp_path / "vmail" / "virtual.test" / "carol"
-        self.config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
-                                        "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
-                                        "virtual_mailbox_base": str(tmp_path / "vmail")})
+        if local:
+            self.recipient, self.maildir = "alice@local.test", tmp_path / "mail" / "alice" / "Maildir"
+            self.config = config_from_dict(base_settings(tmp_path))
+        else:
+            self.recipient, self.maildir = "carol@virtual.test", tmp_path / "vmail" / "virtual.test" / "carol"
+            self.config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
+                                            "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
+                                            "virtual_mailbox_base": str(tmp_path / "vmail")})
         self._write, self._monkeypatch = maildir.write_maildir_file, monkeypatch
         monkeypatch.setattr(maildir, "write_maildir_file", self._held)
 
@@ -294,8 +299,8 @@ class HeldMaildirWrite:
         return self._write(*args, **kwargs)
 
     async def sent(self, mf: Mailflow) -> None:
-        """A message for carol sent to `mf`, returned once its write began."""
-        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
+        """A message for the recipient sent to `mf`, returned once its write began."""
+        await send(mf.smtp_addresses[0][1], "s@remote.test", [self.recipient], b"Subject: once\r\n\r\nbody\r\n")
         await eventually(self.writing.is_set, what="the write began")
 
     def let_go(self) -> None:
@@ -355,6 +360,48 @@ async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_l
     cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
     assert len(cut) == 1 and re.match(rf"\w+: the write of {held.maildir}/new/\S+ still under way 0.5s "
                                       r"after a stop's cancel", cut[0]), cut
+
+
+@pytest.mark.parametrize("ends", ["while the stop records", "after the stop"])
+async def test_a_local_write_past_the_uncut_limit_is_recorded_when_it_ends_while_the_stop_records_results(
+        tmp_path, monkeypatch, caplog, ends):
+    """Local delivery's write of alice's file held past UNCUT_LIMIT at a stop: the cancel went through (the stop
+    bounded), the thread finished the write, but the recipient stayed queued and the restart wrote a second copy.
+    A write that ends while the stop records the results back is recorded (one copy); one that ends later leaves
+    the recipient queued, as the warning says (the restart writes it again)."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    caplog.set_level(logging.INFO, MAIL_LOGGER)
+    held = HeldMaildirWrite(tmp_path, monkeypatch, local=True)
+    try:
+        mf = Mailflow(held.config, shutdown_grace=1.0)
+        await mf.start()
+        try:
+            await held.sent(mf)
+            if ends == "while the stop records":  # (at the cut-off's warning)
+                asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
+                    held.release.set() or True), what="the cut-off"))
+            started = asyncio.get_running_loop().time()
+        finally:
+            await asyncio.wait_for(mf.stop(), 10)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        held.release.set()
+    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    assert len(cut) == 1 and re.match(r"\w+: the delivery of <alice@local.test> to the mailbox of alice still under "
+                                      r"way 0.3s after a stop's cancel: its result is recorded if it ends", cut[0]), cut
+    await eventually(lambda: len(maildir_messages(held.maildir)) == 1, what="the write ended")
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}  # (the job cut: the message taken again)
+    sent = [r.getMessage() for r in caplog.records if "to=<alice@local.test>" in r.getMessage()]
+    assert [" status=sent " in line for line in sent] == ([True] if ends == "while the stop records" else []), sent
+
+    held.let_go()
+    mf = Mailflow(held.config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert len(maildir_messages(held.maildir)) == (1 if ends == "while the stop records" else 2)
 
 
 async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member_once(tmp_path, monkeypatch):

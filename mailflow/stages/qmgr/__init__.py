@@ -158,7 +158,8 @@ Failure behaviour
   those a cut-off delivery's agent had said were final (`DeliveryRequest.settled`: the peer had taken the message,
   and the agent was still at its next peer, an LMTP peer's next reply or its report): a restart delivers them no
   second time (`_settled_in`). A mailbox write or a command that had exited is not cut (mailflow.uncut: for
-  UNCUT_LIMIT seconds at most; past it the write is cut off, warned, and its recipient stays queued).
+  UNCUT_LIMIT seconds at most; past it the write is cut off, warned, and its recipient stays queued, unless its
+  agent hands on its result to come and it ends while the results back are recorded: `_settled_late`).
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
 One class on purpose. The loop, the scheduling and the end of an attempt share one table
@@ -175,7 +176,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Collection, Iterable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -1374,6 +1375,14 @@ class QueueManager:
         if results:
             self._results_in(active, results)
 
+    def _settled_late(self, active: ActiveMessage, job: Job, late: Callable[[], Awaitable[list[RcptResult]]],
+                      handoff: float, recorded: set[int]) -> None:
+        """Results of work a stop cut off, to come (`DeliveryRequest.settled_late`): waited for in a task of the
+        stop's records (cancelled with them, RECORD_GRACE at most), then in as `_settled_in` takes them."""
+        async def settled() -> None:
+            self._settled_in(active, job, await late(), handoff, recorded)
+        self._spawn(settled())
+
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int],
                        settled: list[RcptResult]) -> DeliveryReport:
         """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
@@ -1394,7 +1403,8 @@ class QueueManager:
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
                                   msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
                                   queued_for=max(0.0, self._clock.time() - msg.arrival),
-                                  client_attributes=msg.client_attributes, on_settled=settled.extend)
+                                  client_attributes=msg.client_attributes, on_settled=settled.extend,
+                                  on_late=lambda late: self._settled_late(active, job, late, handoff, recorded))
         try:
             if not getattr(transport, "delivers_each", False) or len(job.recipients) == 1:
                 report = await transport.deliver(request)

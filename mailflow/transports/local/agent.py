@@ -86,8 +86,12 @@ defers (4.3.0).
 Stop: a recipient expanded to several destinations is one result (the store has no record per destination), so a
 stop's cancel between two of them would either leave it queued, its mailboxes written already written again by the
 retry, or finish it with the later ones never written. Neither: the cancel waits for the rest of its destinations
-(mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned, the recipient queued (its parts
-done are then repeated by the retry, as local(8)'s are when it is killed in the middle of one).
+(mailflow.uncut), and for a recipient's one mailbox or file write, UNCUT_LIMIT seconds at most; past that it goes
+through, warned, no destination after the one under way is started, and the write under way is left to end: when
+it was the recipient's last and ends while qmgr records the results back, the recipient's result is handed on
+(DeliveryRequest.settled_late) and recorded; else the recipient stays queued (its parts done are then repeated by
+the retry, as local(8)'s are when it is killed in the middle of one). A recipient's one command, forward or pass is
+cut at once (pipe's rules for a command that has exited).
 """
 from __future__ import annotations
 
@@ -119,7 +123,7 @@ from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, ma
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
                                       command_status, run_shell_command)
-from mailflow.uncut import uncut
+from mailflow.uncut import Late, settling_late, uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -247,9 +251,21 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        delivering = self._deliver_leaves(request, rcpt, met, filled, expansion)
-        parts, lists, leaves = await (delivering if len(leaves) == 1 else uncut(  # (a stop's cancel waits: each
-            delivering, f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations"))
+        halted = asyncio.Event()  # (a stop's cut-off: no destination is started after the one under way)
+        delivering = self._deliver_leaves(request, rcpt, met, filled, expansion, halted)
+        if len(leaves) <= 1 and not any(isinstance(leaf, (Mailbox, File)) for leaf in leaves):  # (one command,
+            # forward or refusal, or none: a stop's cancel cuts it at once)
+            parts, lists, tried = await delivering
+        else:  # (a stop's cancel waits for the write, or each destination; past the limit, the result may follow)
+            def made(done: tuple[list[Part], list[ListOf], list]) -> list[RcptResult]:
+                return [self._recipient_result(rcpt, *done, expansion)]
+            parts, lists, tried = await uncut(delivering, _delivery_of(request.queue_id, rcpt, leaves),
+                                              late=_halting(halted, settling_late(request.settled_late, made)))
+        return self._recipient_result(rcpt, parts, lists, tried, expansion)
+
+    def _recipient_result(self, rcpt: Recipient, parts: list[Part], lists: list[ListOf], leaves: list,
+                          expansion: str) -> RcptResult:
+        """The recipient's one result from what each destination got (`_deliver_leaves`)."""
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
@@ -284,7 +300,7 @@ class LocalTransport:
                 log.warning("%s: %s", queue_id, text)
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, met: list[Met], filled: _Filled,
-                              expansion: str) -> tuple[list[Part], list[ListOf], list]:
+                              expansion: str, halted: asyncio.Event) -> tuple[list[Part], list[ListOf], list]:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
         list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
         local(8), the places are walked in the order they were read and the first one got to settles its key
@@ -292,7 +308,8 @@ class LocalTransport:
         file defers, the places on that file's later lines are not got to (what they name is left for the retry,
         unless met at another place: not tried, logged nor forwarded); and once any destination defers, nothing
         is forwarded (forward_finish cancels the new messages of a recipient that is deferred: the retry sends
-        them). `expansion`: how the recipient was expanded."""
+        them). `expansion`: how the recipient was expanded. `halted` (a stop's cut-off): no destination is started
+        from then on, the delivery is cancelled."""
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
@@ -301,6 +318,7 @@ class LocalTransport:
         for leaf, key, place in met:
             if key in settled or any(line > stopped.get(file, line) for file, line in place):
                 continue
+            _go_on(halted)
             settled.add(key)
             tried.append(leaf)
             if isinstance(leaf, Forward):
@@ -330,6 +348,7 @@ class LocalTransport:
             if isinstance(leaf, Forward):
                 by_sender.setdefault(leaf.sender, []).append(leaf)
         for sender, forwards in by_sender.items():
+            _go_on(halted)
             parts.append(await self._forward_copy(request, rcpt, tuple(f.address for f in forwards), sender,
                                                   shown=tuple(f.goes_to or f.address for f in forwards)))
             lists.append(None)
@@ -511,6 +530,30 @@ class LocalTransport:
 
     def _result(self, rcpt: Recipient, outcome: Outcome, dsn: str, text: str) -> RcptResult:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
+
+
+def _delivery_of(queue_id: str, rcpt: Recipient, leaves: list) -> str:
+    """What a stop's cut-off warning names: the recipient and its destinations (mailflow.uncut)."""
+    if len(leaves) > 1:
+        return f"{queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations"
+    leaf = leaves[0]
+    return f"{queue_id}: the delivery of <{rcpt.address}> to " + (
+        leaf.path if isinstance(leaf, File) else f"the mailbox of {leaf.user}")
+
+
+def _halting(halted: asyncio.Event, late: Late) -> Late:
+    """`late` for a recipient's destinations: `halted` set first (none is started after the one under way)."""
+    def halting(running: asyncio.Future) -> bool:
+        halted.set()
+        return late(running)
+    return halting
+
+
+def _go_on(halted: asyncio.Event) -> None:
+    """The next destination: CancelledError once a stop's cut-off `halted` the recipient's delivery (its result,
+    partial, is not made: the recipient stays queued)."""
+    if halted.is_set():
+        raise asyncio.CancelledError
 
 
 def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts: list[Part]) -> RcptResult:
