@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import shutil
 import socket
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -21,6 +27,7 @@ from mailflow import uncut as uncut_module
 from mailflow.transports import maildir
 from mailflow.transports.local import mbox
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
+from tests.support.inchild import patched_in_child
 from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, maildir_messages,
                            queue_becomes, queue_counts, script_dir, send)
 
@@ -402,6 +409,65 @@ async def test_a_local_write_past_the_uncut_limit_is_recorded_when_it_ends_while
     finally:
         await mf.stop()
     assert len(maildir_messages(held.maildir)) == (1 if ends == "while the stop records" else 2)
+
+
+_real_open_mailbox = mbox._open_mailbox  # (in call_as's child too: its import of this module comes before the patch)
+HOLD = ""  # (set in call_as's child: the directory where its append says it began and waits to be let go)
+
+
+def _opens_once_let_go(*args, **kwargs):  # (in call_as's child, sent by name)
+    """The /file's open held until HOLD/go exists (20 s at most), HOLD/began made first."""
+    hold = Path(HOLD)
+    (hold / "began").touch()
+    for _ in range(1000):
+        if (hold / "go").exists():
+            break
+        time.sleep(0.02)
+    return _real_open_mailbox(*args, **kwargs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_file_append_s_child_past_the_uncut_limit_is_recorded_when_it_ends_while_the_stop_records(
+        tmp_path, monkeypatch, caplog):
+    """An alias's /file, appended by call_as's child as default_privs, held past UNCUT_LIMIT at a stop: the child
+    went on and appended the entry whole, the recipient stayed queued, and the restart appended a second one. It
+    ends while the stop records the results back: recorded, one entry."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    public = Path(tempfile.mkdtemp(dir="/tmp", prefix="mailflow-files-"))
+    try:
+        public.chmod(0o1777)
+        archive = public / "archive"
+        archive.touch()
+        archive.chmod(0o666)
+        monkeypatch.setattr(mbox, "_appended", patched_in_child(mbox, "_appended",
+                                                                (mbox, "_open_mailbox", _opens_once_let_go),
+                                                                (sys.modules[__name__], "HOLD", str(public))))
+        (tmp_path / "aliases").write_text(f"keep: {archive}\n")
+        config = config_from_dict({**base_settings(tmp_path), "myorigin": "local.test",
+                                   "alias_maps": [f"texthash:{tmp_path / 'aliases'}"]})
+        mf = Mailflow(config, shutdown_grace=1.0)
+        await mf.start()
+        try:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", ["keep@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+            await eventually((public / "began").exists, what="the child's append began")
+            stopping = asyncio.ensure_future(mf.stop())
+            await eventually(lambda: "still under way" in caplog.text, what="the cut-off")
+            (public / "go").touch()
+        finally:
+            (public / "go").touch()
+            await asyncio.wait_for(stopping, 10)
+        assert archive.read_text().count("Subject: once") == 1
+
+        monkeypatch.undo()
+        mf = Mailflow(config, shutdown_grace=0.1)
+        await mf.start()
+        try:
+            await queue_becomes(mf.store, {})
+        finally:
+            await mf.stop()
+        assert archive.read_text().count("Subject: once") == 1
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
 
 
 async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member_once(tmp_path, monkeypatch):
