@@ -11,7 +11,9 @@ Per recipient: write `Return-Path`, `X-Original-To` and `Delivered-To` then the 
 (the mailbox convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync
 `new/`. Only then is the recipient SENT (once the rename is done it is SENT even when that last fsync fails:
 logged as a warning, never written twice; Postfix does not fsync the directory). The file work runs in a
-worker thread.
+worker thread. A stop's cancel waits for it (mailflow.uncut), UNCUT_LIMIT s at most; past that the write is left to
+end, and its recipient's result handed on (DeliveryRequest.settled_late): recorded when it ends while qmgr records
+the results back, else the recipient stays queued.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
 (counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2,
 or defers 4.2.2 when `overquota_bounce` is False. Success reads "delivered to maildir", as virtual(8) logs it (the path
@@ -54,7 +56,7 @@ from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.encode import ToLf, encode
-from mailflow.uncut import uncut
+from mailflow.uncut import settling_late, uncut
 
 if TYPE_CHECKING:  # (local imports this module: at run time the name is only an annotation)
     from mailflow.transports.local.asuser import Progress
@@ -91,17 +93,26 @@ class MaildirWriter:
         self._seq = count()
 
     async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None,
-                    size_limit: int = 0, *, queue_id: str = "") -> None:
+                    size_limit: int = 0, *, queue_id: str = "",
+                    late: tuple[Callable[..., bool], RcptResult] | None = None) -> None:
         """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG. Once the
         file is in new/ the message is delivered: a failed fsync of new/ after it is a warning (keyed by
         `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory). The
-        write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut)."""
+        write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut).
+        `late`: (DeliveryRequest.settled_late, the recipient's result once written): a write the stop cuts off
+        past UNCUT_LIMIT is left to end, and that result handed on (mailflow.uncut.settling_late)."""
         name = self.unique_name()
-        unsynced = await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner,
-                                                 size_limit, queue_id=queue_id),
-                               f"{queue_id}: the write of {maildir}/new/{name}")
-        if unsynced is not None:
-            warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
+
+        def written(unsynced: OSError | None) -> None:
+            if unsynced is not None:
+                warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
+
+        def made(unsynced: OSError | None) -> list[RcptResult]:
+            written(unsynced)
+            return [] if late is None else [late[1]]
+        written(await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit,
+                                              queue_id=queue_id), f"{queue_id}: the write of {maildir}/new/{name}",
+                            late=None if late is None else settling_late(late[0], made)))
 
     def unique_name(self) -> str:
         """A file name for a new message: no other this process gives is the same."""
@@ -208,12 +219,15 @@ class MaildirTransport:
             if refusal is not None:
                 return refusal
             await self._writer.write(maildir, prefix, request.content, self._owner_of(rcpt.address),
-                                     queue_id=request.queue_id)
+                                     queue_id=request.queue_id, late=(request.settled_late, self._sent(rcpt)))
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
             outcome, dsn, text = write_failure(e, bounce_full=self._overquota_bounce)
             return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
+        return self._sent(rcpt)
+
+    def _sent(self, rcpt: Recipient) -> RcptResult:
         return RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered to maildir", relay=self._relay)  # virtual(8)'s
 
     async def _over_quota(self, rcpt: Recipient, maildir: Path, size: int) -> RcptResult | None:

@@ -370,15 +370,16 @@ async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_l
 
 
 @pytest.mark.parametrize("ends", ["while the stop records", "after the stop"])
-async def test_a_local_write_past_the_uncut_limit_is_recorded_when_it_ends_while_the_stop_records_results(
-        tmp_path, monkeypatch, caplog, ends):
-    """Local delivery's write of alice's file held past UNCUT_LIMIT at a stop: the cancel went through (the stop
-    bounded), the thread finished the write, but the recipient stayed queued and the restart wrote a second copy.
-    A write that ends while the stop records the results back is recorded (one copy); one that ends later leaves
-    the recipient queued, as the warning says (the restart writes it again)."""
+@pytest.mark.parametrize("agent", ["local", "virtual"])
+async def test_a_mailbox_write_past_the_uncut_limit_is_recorded_when_it_ends_while_the_stop_records_results(
+        tmp_path, monkeypatch, caplog, agent, ends):
+    """Local delivery's (or virtual's) write of a Maildir file held past UNCUT_LIMIT at a stop: the cancel went
+    through (the stop bounded), the thread finished the write, but the recipient stayed queued and the restart wrote
+    a second copy. A write that ends while the stop records the results back is recorded (one copy); one that ends
+    later leaves the recipient queued, as the warning says (the restart writes it again)."""
     monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
     caplog.set_level(logging.INFO, MAIL_LOGGER)
-    held = HeldMaildirWrite(tmp_path, monkeypatch, local=True)
+    held = HeldMaildirWrite(tmp_path, monkeypatch, local=agent == "local")
     try:
         mf = Mailflow(held.config, shutdown_grace=1.0)
         await mf.start()
@@ -394,11 +395,13 @@ async def test_a_local_write_past_the_uncut_limit_is_recorded_when_it_ends_while
     finally:
         held.release.set()
     cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
-    assert len(cut) == 1 and re.match(r"\w+: the delivery of <alice@local.test> to the mailbox of alice still under "
-                                      r"way 0.3s after a stop's cancel: its result is recorded if it ends", cut[0]), cut
+    what = ("the delivery of <alice@local.test> to the mailbox of alice" if agent == "local"
+            else rf"the write of {held.maildir}/new/\S+")
+    assert len(cut) == 1 and re.match(rf"\w+: {what} still under way 0.3s after a stop's cancel: its result is "
+                                      r"recorded if it ends", cut[0]), cut
     await eventually(lambda: len(maildir_messages(held.maildir)) == 1, what="the write ended")
     assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}  # (the job cut: the message taken again)
-    sent = [r.getMessage() for r in caplog.records if "to=<alice@local.test>" in r.getMessage()]
+    sent = [r.getMessage() for r in caplog.records if f"to=<{held.recipient}>" in r.getMessage()]
     assert [" status=sent " in line for line in sent] == ([True] if ends == "while the stop records" else []), sent
 
     held.let_go()
