@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mailflow import uncut as uncut_module
-from mailflow.uncut import uncut
+from mailflow.uncut import settling_late, uncut
 
 
 async def test_a_cancel_during_the_work_waits_for_it_and_lands_at_the_next_wait():
@@ -118,3 +118,78 @@ async def test_a_cut_off_of_work_around_another_uncut_write_warns_once(monkeypat
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["Q1: the delivery of <team@example.test> to its 2 destinations still under way 0.2s after a "
                         "stop's cancel: cut off, the recipient stays queued (a second copy may follow)"]
+
+
+async def test_work_cut_off_with_a_late_taker_is_left_running_and_its_results_handed_on(monkeypatch, caplog):
+    """`settling_late`: at the cut-off the work is not cancelled; its taker (qmgr) waits for it and gets the
+    results `made` makes of its result, while the stop goes on."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.1)
+    release = threading.Event()
+    taken: list = []
+
+    async def agent() -> str:
+        late = settling_late(lambda results: taken.append(results) or True, lambda written: [f"sent: {written}"])
+        return await uncut(asyncio.to_thread(lambda: release.wait(10) and "new/1"), "Q1: the write of new/1",
+                           late=late)
+
+    task = asyncio.create_task(agent())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        [results] = taken
+        waiting = asyncio.create_task(results())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        release.set()
+        assert await asyncio.wait_for(waiting, 2) == ["sent: new/1"]
+    finally:
+        release.set()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "Q1: the write of new/1 still under way 0.1s after a stop's cancel: its result is recorded if it ends while "
+        "the stop records results, else the recipient stays queued (a second copy may follow)"]
+
+
+async def test_a_late_taker_that_gives_up_cuts_the_work_off_and_an_uncut_within_goes_through_unwarned(monkeypatch,
+                                                                                                    caplog):
+    """The taker's wait cancelled (the stop's records are done): the work is cancelled as cut off, so the write's
+    own uncut within it does not wait the limit again nor warn; no results. With no taker the cut-off is at once."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.1)
+    release = threading.Event()
+    taken: list = []
+    ended: list[str] = []
+
+    async def destinations() -> str:
+        try:
+            return await uncut(asyncio.to_thread(release.wait, 10), "Q1: the write of new/1")
+        except asyncio.CancelledError:
+            ended.append("cut off")
+            raise
+
+    async def agent(take: bool) -> str:
+        late = settling_late(lambda results: take and (taken.append(results) or True), lambda done: [done])
+        return await uncut(destinations(), "Q1: the delivery of <a@example.test>", late=late)
+
+    try:
+        for take in (True, False):
+            task = asyncio.create_task(agent(take))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 2)
+            if take:
+                waiting = asyncio.create_task(taken[0]())
+                await asyncio.sleep(0.05)
+                assert ended == []  # (left running while taken)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+            await asyncio.sleep(0.05)
+            assert ended == ["cut off"] * (1 + (not take)), take
+    finally:
+        release.set()
+    await asyncio.sleep(0.3)  # (past the inner write's own limit, had it started one)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(w.startswith("Q1: the delivery of <a@example.test> still under way")
+                                      for w in warnings), warnings
