@@ -30,8 +30,8 @@ delivered again (a stop cancels the deliveries still running at the end of its g
 For work that ends on its own (a local file write, whose own limits hold), and for local's delivery of one
 recipient to several destinations (one result for all: cut between two, one part would be done twice or another
 never); a peer's answer is never waited for otherwise (UNCUT_LIMIT at most there). A write left running past the
-limit ends whole or not at all all the same (its own limits, its roll back): local's agent hands on the result it
-will make (`settling_late`), which qmgr records when it comes while the stop records results.
+limit ends whole or not at all all the same (its own limits, its roll back): local's and virtual's agents hand on
+the result it will make (`settling_late`), which qmgr records when it comes while the stop records results.
 """
 from __future__ import annotations
 

@@ -253,8 +253,8 @@ class LocalTransport:
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
         halted = asyncio.Event()  # (a stop's cut-off: no destination is started after the one under way)
         delivering = self._deliver_leaves(request, rcpt, met, filled, expansion, halted)
-        if len(leaves) <= 1 and not any(isinstance(leaf, (Mailbox, File)) for leaf in leaves):  # (one command,
-            # forward or refusal, or none: a stop's cancel cuts it at once)
+        writes = len(leaves) > 1 or any(isinstance(leaf, (Mailbox, File)) for leaf in leaves)
+        if not writes:  # (one command, forward or refusal, or none: a stop's cancel cuts it at once)
             parts, lists, tried = await delivering
         else:  # (a stop's cancel waits for the write, or each destination; past the limit, the result may follow)
             def made(done: tuple[list[Part], list[ListOf], list]) -> list[RcptResult]:
