@@ -42,6 +42,7 @@ from typing import Awaitable, Callable, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 Late = Callable[["asyncio.Future[T]"], bool]  # uncut's `late`
+SettleLate = Callable[[Callable[[], Awaitable[list]]], bool]  # settling_late's `settle_late` (DeliveryRequest's)
 
 log = logging.getLogger("mailflow.uncut")
 

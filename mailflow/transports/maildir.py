@@ -56,7 +56,7 @@ from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.encode import ToLf, encode
-from mailflow.uncut import settling_late, uncut
+from mailflow.uncut import SettleLate, settling_late, uncut
 
 if TYPE_CHECKING:  # (local imports this module: at run time the name is only an annotation)
     from mailflow.transports.local.asuser import Progress
@@ -93,14 +93,14 @@ class MaildirWriter:
         self._seq = count()
 
     async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None,
-                    size_limit: int = 0, *, queue_id: str = "",
-                    late: tuple[Callable[..., bool], RcptResult] | None = None) -> None:
+                    size_limit: int = 0, *, queue_id: str = "", settle_late: SettleLate | None = None,
+                    late_results: Callable[[], list[RcptResult]] = list) -> None:
         """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG. Once the
         file is in new/ the message is delivered: a failed fsync of new/ after it is a warning (keyed by
         `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory). The
         write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut).
-        `late`: (DeliveryRequest.settled_late, the recipient's result once written): a write the stop cuts off
-        past UNCUT_LIMIT is left to end, and that result handed on (mailflow.uncut.settling_late)."""
+        `settle_late` (DeliveryRequest.settled_late): a write the stop cuts off past UNCUT_LIMIT is left to end, and
+        `late_results()` (the recipient's result once written) handed on when it is in new/ (uncut.settling_late)."""
         name = self.unique_name()
 
         def written(unsynced: OSError | None) -> None:
@@ -109,10 +109,10 @@ class MaildirWriter:
 
         def made(unsynced: OSError | None) -> list[RcptResult]:
             written(unsynced)
-            return [] if late is None else [late[1]]
+            return late_results()
         written(await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit,
                                               queue_id=queue_id), f"{queue_id}: the write of {maildir}/new/{name}",
-                            late=None if late is None else settling_late(late[0], made)))
+                            late=None if settle_late is None else settling_late(settle_late, made)))
 
     def unique_name(self) -> str:
         """A file name for a new message: no other this process gives is the same."""
@@ -219,7 +219,8 @@ class MaildirTransport:
             if refusal is not None:
                 return refusal
             await self._writer.write(maildir, prefix, request.content, self._owner_of(rcpt.address),
-                                     queue_id=request.queue_id, late=(request.settled_late, self._sent(rcpt)))
+                                     queue_id=request.queue_id, settle_late=request.settled_late,
+                                     late_results=lambda: [self._sent(rcpt)])
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:

@@ -393,7 +393,7 @@ async def test_maildir_that_cannot_be_written_defers(tmp_path):
 async def test_a_maildir_over_its_file_system_quota_bounces_mailbox_full(tmp_path, monkeypatch, error, outcome, dsn):
     """Postfix's local(8) maps EDQUOT and EFBIG to 5.2.2 (mbox_dsn) and bounces, as mailflow's own mbox delivery
     does; a Maildir write used to defer 4.2.0 for them, retrying until the queue lifetime ran out."""
-    async def full(self, maildir, prefix, content, owner=None, size_limit=0, *, queue_id=""):
+    async def full(self, maildir, prefix, content, owner=None, size_limit=0, **_):
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(MaildirWriter, "write", full)

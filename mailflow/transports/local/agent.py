@@ -86,12 +86,13 @@ defers (4.3.0).
 Stop: a recipient expanded to several destinations is one result (the store has no record per destination), so a
 stop's cancel between two of them would either leave it queued, its mailboxes written already written again by the
 retry, or finish it with the later ones never written. Neither: the cancel waits for the rest of its destinations
-(mailflow.uncut), and for a recipient's one mailbox or file write, UNCUT_LIMIT seconds at most; past that it goes
-through, warned, no destination after the one under way is started, and the write under way is left to end: when
-it was the recipient's last and ends while qmgr records the results back, the recipient's result is handed on
-(DeliveryRequest.settled_late) and recorded; else the recipient stays queued (its parts done are then repeated by
-the retry, as local(8)'s are when it is killed in the middle of one). A recipient's one command, forward or pass is
-cut at once (pipe's rules for a command that has exited).
+(mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned, no destination after the one under
+way is started, and the write under way is left to end: when it was the recipient's last and ends while qmgr records
+the results back, the recipient's result is handed on (DeliveryRequest.settled_late) and recorded; else the recipient
+stays queued (its parts done are then repeated by the retry, as local(8)'s are when it is killed in the middle of
+one). A recipient's one destination is not waited for as a whole: a stop's cancel cuts a lock wait, a command, a
+forward or a pass at once (pipe's rules for a command that has exited), and only a mailbox or file write under way
+is waited for, by its own uncut, which past the limit hands on the recipient's result to come the same way.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ import pwd
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -252,15 +253,17 @@ class LocalTransport:
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
         halted = asyncio.Event()  # (a stop's cut-off: no destination is started after the one under way)
-        delivering = self._deliver_leaves(request, rcpt, met, filled, expansion, halted)
-        writes = len(leaves) > 1 or any(isinstance(leaf, (Mailbox, File)) for leaf in leaves)
-        if not writes:  # (one command, forward or refusal, or none: a stop's cancel cuts it at once)
-            parts, lists, tried = await delivering
-        else:  # (a stop's cancel waits for the write, or each destination; past the limit, the result may follow)
+        if len(leaves) <= 1:  # (a stop's cancel cuts it at once, but in a write: the write's own uncut waits)
+            def sole(written: Part) -> list[RcptResult]:  # (the result to hand on when the write ends past the limit)
+                return [self._recipient_result(rcpt, [written], [_list_of(leaves[0])], leaves, expansion)]
+            parts, lists, tried = await self._deliver_leaves(request, rcpt, met, filled, expansion, halted, sole)
+        else:  # (a stop's cancel waits for each destination; past the limit, the result may follow)
             def made(done: tuple[list[Part], list[ListOf], list]) -> list[RcptResult]:
                 return [self._recipient_result(rcpt, *done, expansion)]
-            parts, lists, tried = await uncut(delivering, _delivery_of(request.queue_id, rcpt, leaves),
-                                              late=_halting(halted, settling_late(request.settled_late, made)))
+            parts, lists, tried = await uncut(
+                self._deliver_leaves(request, rcpt, met, filled, expansion, halted),
+                f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations",
+                late=_halting(halted, settling_late(request.settled_late, made)))
         return self._recipient_result(rcpt, parts, lists, tried, expansion)
 
     def _recipient_result(self, rcpt: Recipient, parts: list[Part], lists: list[ListOf], leaves: list,
@@ -300,7 +303,8 @@ class LocalTransport:
                 log.warning("%s: %s", queue_id, text)
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, met: list[Met], filled: _Filled,
-                              expansion: str, halted: asyncio.Event) -> tuple[list[Part], list[ListOf], list]:
+                              expansion: str, halted: asyncio.Event,
+                              sole: _Sole | None = None) -> tuple[list[Part], list[ListOf], list]:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
         list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
         local(8), the places are walked in the order they were read and the first one got to settles its key
@@ -309,7 +313,8 @@ class LocalTransport:
         unless met at another place: not tried, logged nor forwarded); and once any destination defers, nothing
         is forwarded (forward_finish cancels the new messages of a recipient that is deferred: the retry sends
         them). `expansion`: how the recipient was expanded. `halted` (a stop's cut-off): no destination is started
-        from then on, the delivery is cancelled."""
+        from then on, the delivery is cancelled. `sole`: the recipient's result from its one destination's part,
+        handed on when that write ends past a stop's cut-off (`_late`)."""
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
@@ -324,12 +329,12 @@ class LocalTransport:
             if isinstance(leaf, Forward):
                 continue
             if isinstance(leaf, Mailbox):
-                parts.append(await self._mailbox_once(request, rcpt, leaf, filled))
+                parts.append(await self._mailbox_once(request, rcpt, leaf, filled, sole))
             elif isinstance(leaf, Command):
                 parts.append(await (self._mailbox_once(request, rcpt, leaf, filled) if leaf.source == "mailbox"
                                     else self._command(request, rcpt, leaf)))
             elif isinstance(leaf, File):
-                parts.append(await self._file(request, rcpt, leaf))
+                parts.append(await self._file(request, rcpt, leaf, sole))
             elif isinstance(leaf, Pass):
                 passed = await self._pass_once(request, rcpt, leaf, filled, expansion)
                 parts.append(Part(passed.outcome, passed.dsn, passed.text, passed.diagnostic))
@@ -339,8 +344,7 @@ class LocalTransport:
             if parts[-1].outcome is Outcome.DEFERRED:
                 for file, line in place:  # (the place it was read at: its files stop there)
                     stopped.setdefault(file, line)
-            owner = leaf.sender if isinstance(leaf, (Command, File, Refused)) else None
-            lists.append((owner, leaf.address) if owner is not None else None)
+            lists.append(_list_of(leaf))
         if any(part.outcome is Outcome.DEFERRED for part in parts):  # local(8)'s forward_finish cancels
             return parts, lists, [leaf for leaf in tried if not isinstance(leaf, Forward)]  # them: the retry sends
         by_sender: dict[str | None, list[Forward]] = {}
@@ -355,11 +359,11 @@ class LocalTransport:
         return parts, lists, tried
 
     async def _mailbox_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox | Command,
-                            filled: _Filled) -> Part:
+                            filled: _Filled, sole: _Sole | None = None) -> Part:
         """The user's mailbox (a Maildir or mbox, or its mailbox_command), delivered once per request."""
         key = identity(leaf)
         if key not in filled.mailboxes:
-            filled.mailboxes[key] = await (self._mailbox(request, rcpt, leaf) if isinstance(leaf, Mailbox)
+            filled.mailboxes[key] = await (self._mailbox(request, rcpt, leaf, sole) if isinstance(leaf, Mailbox)
                                            else self._command(request, rcpt, leaf))
         return filled.mailboxes[key]
 
@@ -383,29 +387,32 @@ class LocalTransport:
                 return replace(result, diagnostic=bad[0].diagnostic if len(bad) == 1 else "")
         return self._result(rcpt, Outcome.SENT, "2.0.0", _summary(done))
 
-    async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
+    async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox, sole: _Sole | None) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
         path, kind, home = mailbox_location(self._local, leaf.user)
         prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         owner = await self._owner(leaf.user)
         if kind == "maildir":
+            sent = Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
             try:
                 await self._writer.write(path, prefix, request.content, _maildir_owner(owner, path, home),
-                                         self._local.mailbox_size_limit, queue_id=request.queue_id)
+                                         self._local.mailbox_size_limit, queue_id=request.queue_id,
+                                         **_late(request, sole, sent))
             except OSError as e:
                 return Part(*write_failure(e))
-            return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
+            return sent
+        sent = Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         spool_made = home is not None or os.geteuid() != 0  # (as root the spool is the operator's: Postfix's too)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
                               home=None if owner is None else home, size_limit=self._local.mailbox_size_limit,
-                              create_parents=spool_made, queue_id=request.queue_id)
+                              create_parents=spool_made, queue_id=request.queue_id, **_late(request, sole, sent))
         except DeliveryError as e:
             if not spool_made and not path.parent.is_dir():
                 return _spool_missing(path.parent)
             return _failed(e, f"cannot update mailbox {path} for user {leaf.user}. ")  # (local/mailbox.c's words)
-        return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
+        return sent
 
     async def _owner(self, user: str) -> tuple[int, int] | None:
         """As root, a local user who is also a system user gets a mailbox of its own: its uid and primary gid
@@ -419,7 +426,7 @@ class LocalTransport:
             return None
         return account.pw_uid, account.pw_gid
 
-    async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
+    async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File, sole: _Sole | None) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
         root the append runs in a child (asuser.call_as) as the .forward's user or `default_privs` (Postfix writes files
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
@@ -435,29 +442,33 @@ class LocalTransport:
         as_user = rights_for(leaf.rights, self._local.default_privs)
         prefix = mailbox_prefix(sender, rcpt.address, original)
         if leaf.path.endswith("/"):  # (local/file.c: a Maildir)
-            return await self._maildir_file(request, leaf, prefix, as_user)
+            return await self._maildir_file(request, leaf, prefix, as_user, sole)
+        sent = Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         entry = HeldEntry(request.content, partial(mbox_entry, sender=sender, arrival=self._clock.time(),
                                                    prepend=prefix))
         try:  # (held: the child as `as_user` cannot open the queue's files; the writing thread opens them)
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
                               file_destination=True, workers=self._file_writers.run,
-                              write_limit=self._local.command_time_limit, queue_id=request.queue_id)
+                              write_limit=self._local.command_time_limit, queue_id=request.queue_id,
+                              **_late(request, sole, sent))
         except DeliveryError as e:
             return _failed(e, f"cannot append message to file {leaf.path}: ")  # (local/file.c's words)
-        return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
+        return sent
 
-    async def _maildir_file(self, request: DeliveryRequest, leaf: File, prefix: bytes, as_user: str | None) -> Part:
+    async def _maildir_file(self, request: DeliveryRequest, leaf: File, prefix: bytes, as_user: str | None,
+                            sole: _Sole | None) -> Part:
         """A `/dir/` destination: a Maildir written as `as_user` (mailflow's own user when None), never as root, in
         one of the FILE_WRITERS threads under a /file append's time limits (local.maildir_file)."""
+        sent = Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # (local(8)'s words: the path is not named)
         try:
             await deliver_maildir_file(Path(leaf.path), prefix, request.content, name=self._writer.unique_name(),
                                        user=as_user, size_limit=self._local.mailbox_size_limit,
                                        workers=self._file_writers.run, write_limit=self._local.command_time_limit,
-                                       queue_id=request.queue_id)
+                                       queue_id=request.queue_id, **_late(request, sole, sent))
         except DeliveryError as e:
             return _failed(e)
-        return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # (local(8)'s words: the path is not named)
+        return sent
 
     async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
@@ -532,13 +543,23 @@ class LocalTransport:
         return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
 
 
-def _delivery_of(queue_id: str, rcpt: Recipient, leaves: list) -> str:
-    """What a stop's cut-off warning names: the recipient and its destinations (mailflow.uncut)."""
-    if len(leaves) > 1:
-        return f"{queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations"
-    leaf = leaves[0]
-    return f"{queue_id}: the delivery of <{rcpt.address}> to " + (
-        leaf.path if isinstance(leaf, File) else f"the mailbox of {leaf.user}")
+_Sole = Callable[[Part], list[RcptResult]]  # a recipient's result from its one destination's part
+
+
+def _late(request: DeliveryRequest, sole: _Sole | None, sent: Part) -> dict[str, Any]:
+    """A write's `settle_late` and `late_results` when it is its recipient's one destination (`sole`): past a stop's
+    cut-off, the write is left to end and the recipient's result, `sent`, handed on (DeliveryRequest.settled_late);
+    none for one of several destinations (the uncut around them all hands theirs on)."""
+    if sole is None:
+        return {}
+    return {"settle_late": request.settled_late, "late_results": partial(sole, sent)}
+
+
+def _list_of(leaf) -> ListOf:
+    """The list a destination was delivered for: a command's or a file's under a list with an owner- alias, its
+    owner and address; None for the others."""
+    owner = leaf.sender if isinstance(leaf, (Command, File, Refused)) else None
+    return (owner, leaf.address) if owner is not None else None
 
 
 def _halting(halted: asyncio.Event, late: Late) -> Late:

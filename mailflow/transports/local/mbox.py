@@ -117,7 +117,7 @@ from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, Progress, call_as
 from mailflow.transports.maildir import MessageUnreadable, Owner, open_directory, read_message
-from mailflow.uncut import uncut
+from mailflow.uncut import SettleLate, settling_late, uncut
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -241,7 +241,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
                       create_parents: bool = True, file_destination: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
-                      write_limit: float | None = None, queue_id: str = "") -> None:
+                      write_limit: float | None = None, queue_id: str = "", settle_late: SettleLate | None = None,
+                      late_results: Callable[[], list] = list) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
     append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
@@ -262,7 +263,9 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
     `queue_id`: keys the warning of a stop that cuts a stuck append off (mailflow.uncut), and the lines a child
-    writing as `user` logs.
+    writing as `user` logs. `settle_late` (DeliveryRequest.settled_late): an attempt the stop cuts off past
+    UNCUT_LIMIT is left to end, and `late_results()` (the recipient's result once appended) handed on when it
+    appended the entry (uncut.settling_late); a stop's cancel between two attempts (a lock busy) goes through at once.
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
     written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). A HeldEntry is
     built in the writing thread, each attempt, from descriptors that attempt opens, keeps open in the child
@@ -281,8 +284,10 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
     # (each attempt uncut: a stop's cancel waits for it, so an entry written is handed on as delivered: mailflow.uncut)
+    late = None if settle_late is None else settling_late(
+        settle_late, lambda busy: late_results() if busy is None else [])  # (a lock found busy: nothing appended)
     while (busy := await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt),
-                               f"{queue_id}: the append to {path}")) is not None:
+                               f"{queue_id}: the append to {path}", late=late)) is not None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(Path(path), busy)
