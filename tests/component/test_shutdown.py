@@ -412,6 +412,31 @@ async def test_a_mailbox_write_past_the_uncut_limit_is_recorded_when_it_ends_whi
     assert len(maildir_messages(held.maildir)) == (1 if ends == "while the stop records" else 2)
 
 
+async def test_a_write_cut_off_past_the_uncut_limit_holds_the_stop_no_longer_than_its_late_window(
+        tmp_path, monkeypatch, caplog, held_maildir_write):
+    """carol's Maildir write never ends (held past the stop): cut off at UNCUT_LIMIT, its result to come was waited
+    for as long as the stop records the results back, min(grace, RECORD_GRACE): grace + UNCUT_LIMIT + grace in
+    all. It is waited for LATE_RESULT_GRACE at most, then cut off: carol stays queued, nothing recorded."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    monkeypatch.setattr(qmgr_module, "LATE_RESULT_GRACE", 0.2)
+    caplog.set_level(logging.INFO, MAIL_LOGGER)
+    held = held_maildir_write
+    mf = Mailflow(held.config, shutdown_grace=1.5)
+    await mf.start()
+    try:
+        await held.sent(mf)
+        started = asyncio.get_running_loop().time()
+    finally:
+        try:
+            await asyncio.wait_for(mf.stop(), 10)
+        finally:
+            held.release.set()
+    assert asyncio.get_running_loop().time() - started < 1.5 + 0.3 + 0.2 + 0.8  # (grace + 0.3 + 1.5 before)
+    assert "its result is recorded if it ends" in caplog.text
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+    assert "to=<carol@virtual.test>" not in caplog.text
+
+
 _real_open_mailbox = mbox._open_mailbox  # (in call_as's child too: its import of this module comes before the patch)
 HOLD = ""  # (set in call_as's child: the directory where its append says it began and waits to be let go)
 

@@ -204,6 +204,7 @@ JITTER = 0.1  # retries spread over up to 10 % of their delay, so mail that arri
 MIN_RESCAN = 0.1  # seconds: the soonest a timed scan follows the one before
 MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has space to give back
 RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
+LATE_RESULT_GRACE = 1.0  # at stop, seconds a write cut off past UNCUT_LIMIT is waited for, its result to come
 HANDOFF_CONTENT_BUDGET = SCAN_CONTENT_BUDGET  # bytes of handed-over content kept in memory at once
 UNDEFINED_TRANSPORT_PROGRAM = "error"  # what a result for a transport that is not defined is logged as
 # a message's recipients by (transport, nexthop), and those whose resolution failed (deferred): what _routes returns
@@ -335,8 +336,11 @@ class QueueManager:
         self._loop_task = self._event_loop.create_task(self._run(), name="qmgr")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking new work, let deliveries in flight finish within `grace` and cancel the rest; results
-        already back get recorded (within RECORD_GRACE more when the store is slow)."""
+        """Stop taking new work, let deliveries in flight finish within `grace` and cancel the rest (a mailbox write
+        under way holds its cancel UNCUT_LIMIT s at most: mailflow.uncut); results already back get recorded
+        (within min(grace, RECORD_GRACE) more when the store is slow), and those of writes cut off past UNCUT_LIMIT
+        when they come within LATE_RESULT_GRACE (`_settled_late`). So `grace` + UNCUT_LIMIT + min(grace,
+        RECORD_GRACE) at most."""
         self._stopping = True  # no job starts any more
         if self._loop_task:
             self._loop_task.cancel()
@@ -1378,9 +1382,14 @@ class QueueManager:
     def _settled_late(self, active: ActiveMessage, job: Job, late: Callable[[], Awaitable[list[RcptResult]]],
                       handoff: float, recorded: set[int]) -> None:
         """Results of work a stop cut off, to come (`DeliveryRequest.settled_late`): waited for in a task of the
-        stop's records (cancelled with them, RECORD_GRACE at most), then in as `_settled_in` takes them."""
+        stop's records, LATE_RESULT_GRACE s at most (and no longer than they are: cancelled with them), then in as
+        `_settled_in` takes them; past that the work is cut off (its recipients stay queued, as the warning says)."""
         async def settled() -> None:
-            self._settled_in(active, job, await late(), handoff, recorded)
+            try:
+                results = await asyncio.wait_for(late(), LATE_RESULT_GRACE)
+            except TimeoutError:
+                return
+            self._settled_in(active, job, results, handoff, recorded)
         self._spawn(settled())
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int],
