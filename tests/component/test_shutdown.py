@@ -536,6 +536,61 @@ async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member
     assert [len(maildir_messages(tmp_path / "mail" / user / "Maildir")) for user in ("alice", "bob")] == [1, 1]
 
 
+@pytest.mark.parametrize("held_user", ["alice", "bob"])
+async def test_an_alias_s_write_cut_off_is_handed_on_only_when_it_is_the_last_destination(tmp_path, monkeypatch,
+                                                                                            caplog, held_user):
+    """`team: alice, bob`, one member's Maildir write held past UNCUT_LIMIT at a stop and let go at the cut-off.
+    alice's, with bob's still to come: the warning said team's result would be recorded if the write ended in
+    time, but bob was never started and nothing was recorded. The cut-off now says team stays queued (the retry
+    writes alice's copy again, as when local(8) is killed). bob's, the last: team's result is recorded."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    caplog.set_level(logging.INFO, MAIL_LOGGER)
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+
+    def held_write(path, *args, **kwargs):
+        if path.parent.name == held_user:
+            writing.set()
+            release.wait(10)
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", held_write)
+    (tmp_path / "aliases").write_text("team: alice, bob\n")
+    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "myorigin": "local.test"})
+    mf = Mailflow(config, shutdown_grace=0.5)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="the held write began")
+        asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
+            release.set() or True), what="the cut-off"))
+    finally:
+        try:
+            await asyncio.wait_for(mf.stop(), 10)
+        finally:
+            release.set()
+    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    last = held_user == "bob"
+    assert len(cut) == 1 and re.match(r"\w+: the delivery of <team@local.test> to its 2 destinations still under way "
+                                      r"0.3s after a stop's cancel: " + ("its result is recorded if it ends" if last
+                                      else "cut off, the recipient stays queued"), cut[0]), cut
+    sent = [r.getMessage() for r in caplog.records if "to=<team@local.test>" in r.getMessage()]
+    assert [" status=sent " in line for line in sent] == ([True] if last else []), sent
+    mailboxes = [tmp_path / "mail" / user / "Maildir" for user in ("alice", "bob")]
+    await eventually(lambda: len(maildir_messages(mailboxes[0])) == 1, what="alice's write ended")
+    assert len(maildir_messages(mailboxes[1])) == (1 if last else 0)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", write)
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert [len(maildir_messages(mailbox)) for mailbox in mailboxes] == ([1, 1] if last else [2, 1])
+
+
 async def test_a_stop_keeps_the_status_of_a_command_whose_output_ended_so_a_restart_runs_it_once(tmp_path):
     """A pipe service's command has read the message and closed its output; it exits a moment later. The stop's
     cancel came in that moment: the command was killed and its status lost, and the restart ran it again (the

@@ -86,13 +86,14 @@ defers (4.3.0).
 Stop: a recipient expanded to several destinations is one result (the store has no record per destination), so a
 stop's cancel between two of them would either leave it queued, its mailboxes written already written again by the
 retry, or finish it with the later ones never written. Neither: the cancel waits for the rest of its destinations
-(mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned, no destination after the one under
-way is started, and the write under way is left to end: when it was the recipient's last and ends while qmgr records
-the results back, the recipient's result is handed on (DeliveryRequest.settled_late) and recorded; else the recipient
-stays queued (its parts done are then repeated by the retry, as local(8)'s are when it is killed in the middle of
-one). A recipient's one destination is not waited for as a whole: a stop's cancel cuts a lock wait, a command, a
-forward or a pass at once (pipe's rules for a command that has exited), and only a mailbox or file write under way
-is waited for, by its own uncut, which past the limit hands on the recipient's result to come the same way.
+(mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned. When the destination under way is
+the recipient's last, it is left to end, and when it ends while qmgr records the results back the recipient's result
+is handed on (DeliveryRequest.settled_late) and recorded; else (another may follow it) the delivery is cut off there,
+no destination after it started: the recipient stays queued, as the warning says (its parts done are then repeated by
+the retry, as local(8)'s are when it is killed in the middle of one). A recipient's one destination is not waited for
+as a whole: a stop's cancel cuts a lock wait, a command, a forward or a pass at once (pipe's rules for a command that
+has exited), and only a mailbox or file write under way is waited for, by its own uncut, which past the limit hands
+on the recipient's result to come the same way.
 """
 from __future__ import annotations
 
@@ -252,18 +253,18 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        halted = asyncio.Event()  # (a stop's cut-off: no destination is started after the one under way)
         if len(leaves) <= 1:  # (a stop's cancel cuts it at once, but in a write: the write's own uncut waits)
             def sole(written: Part) -> list[RcptResult]:  # (the result to hand on when the write ends past the limit)
                 return [self._recipient_result(rcpt, [written], [_list_of(leaves[0])], leaves, expansion)]
-            parts, lists, tried = await self._deliver_leaves(request, rcpt, met, filled, expansion, halted, sole)
+            parts, lists, tried = await self._deliver_leaves(request, rcpt, met, filled, expansion, sole=sole)
         else:  # (a stop's cancel waits for each destination; past the limit, the result may follow)
             def made(done: tuple[list[Part], list[ListOf], list]) -> list[RcptResult]:
                 return [self._recipient_result(rcpt, *done, expansion)]
+            walk = _Walk()
             parts, lists, tried = await uncut(
-                self._deliver_leaves(request, rcpt, met, filled, expansion, halted),
+                self._deliver_leaves(request, rcpt, met, filled, expansion, walk),
                 f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations",
-                late=_halting(halted, settling_late(request.settled_late, made)))
+                late=_unless_more(walk, settling_late(request.settled_late, made)))
         return self._recipient_result(rcpt, parts, lists, tried, expansion)
 
     def _recipient_result(self, rcpt: Recipient, parts: list[Part], lists: list[ListOf], leaves: list,
@@ -303,7 +304,7 @@ class LocalTransport:
                 log.warning("%s: %s", queue_id, text)
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, met: list[Met], filled: _Filled,
-                              expansion: str, halted: asyncio.Event,
+                              expansion: str, walk: _Walk | None = None,
                               sole: _Sole | None = None) -> tuple[list[Part], list[ListOf], list]:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
         list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
@@ -312,18 +313,19 @@ class LocalTransport:
         file defers, the places on that file's later lines are not got to (what they name is left for the retry,
         unless met at another place: not tried, logged nor forwarded); and once any destination defers, nothing
         is forwarded (forward_finish cancels the new messages of a recipient that is deferred: the retry sends
-        them). `expansion`: how the recipient was expanded. `halted` (a stop's cut-off): no destination is started
-        from then on, the delivery is cancelled. `sole`: the recipient's result from its one destination's part,
-        handed on when that write ends past a stop's cut-off (`_late`)."""
+        them). `expansion`: how the recipient was expanded. `walk` is told at each destination whether another
+        may follow it (a stop's cut-off: `_unless_more`). `sole`: the recipient's result from its one destination's
+        part, handed on when that write ends past a stop's cut-off (`_late`)."""
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
         stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
         settled: set[tuple] = set()  # the keys got to
-        for leaf, key, place in met:
+        for index, (leaf, key, place) in enumerate(met):
             if key in settled or any(line > stopped.get(file, line) for file, line in place):
                 continue
-            _go_on(halted)
+            if walk is not None:
+                walk.more = partial(_may_follow, met, index, settled, tried)
             settled.add(key)
             tried.append(leaf)
             if isinstance(leaf, Forward):
@@ -351,8 +353,9 @@ class LocalTransport:
         for leaf in tried:
             if isinstance(leaf, Forward):
                 by_sender.setdefault(leaf.sender, []).append(leaf)
-        for sender, forwards in by_sender.items():
-            _go_on(halted)
+        for sent, (sender, forwards) in enumerate(by_sender.items(), 1):
+            if walk is not None:
+                walk.more = partial(bool, len(by_sender) - sent)
             parts.append(await self._forward_copy(request, rcpt, tuple(f.address for f in forwards), sender,
                                                   shown=tuple(f.goes_to or f.address for f in forwards)))
             lists.append(None)
@@ -562,19 +565,27 @@ def _list_of(leaf) -> ListOf:
     return (owner, leaf.address) if owner is not None else None
 
 
-def _halting(halted: asyncio.Event, late: Late) -> Late:
-    """`late` for a recipient's destinations: `halted` set first (none is started after the one under way)."""
-    def halting(running: asyncio.Future) -> bool:
-        halted.set()
-        return late(running)
-    return halting
+class _Walk:
+    """`_deliver_leaves`'s word on a recipient's destinations for a stop's cut-off: `more()`, whether another may
+    still be started after the one under way."""
+
+    def __init__(self) -> None:
+        self.more: Callable[[], bool] = partial(bool, False)
 
 
-def _go_on(halted: asyncio.Event) -> None:
-    """The next destination: CancelledError once a stop's cut-off `halted` the recipient's delivery (its result,
-    partial, is not made: the recipient stays queued)."""
-    if halted.is_set():
-        raise asyncio.CancelledError
+def _may_follow(met: list[Met], index: int, settled: set[tuple], tried: list) -> bool:
+    """Whether a destination may be started after `met[index]`'s: a later place whose key is not settled yet, or a
+    forward (sent after them all)."""
+    return any(isinstance(leaf, Forward) for leaf in tried) or any(key not in settled for _, key, _ in met[index + 1:])
+
+
+def _unless_more(walk: _Walk, late: Late) -> Late:
+    """`late` for a recipient's destinations, taken only when the one under way is the last (`walk.more()`): its end
+    makes the recipient's result. Else the cut-off cuts the delivery there, and uncut's warning says the recipient
+    stays queued (the destinations done are delivered again by the retry, as when local(8) is killed)."""
+    def handed_on(running: asyncio.Future) -> bool:
+        return not walk.more() and late(running)
+    return handed_on
 
 
 def _naming_the_member(result: RcptResult, rcpt: Recipient, leaves: list, parts: list[Part]) -> RcptResult:
