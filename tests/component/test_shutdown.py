@@ -437,6 +437,50 @@ async def test_a_write_cut_off_past_the_uncut_limit_holds_the_stop_no_longer_tha
     assert "to=<carol@virtual.test>" not in caplog.text
 
 
+@pytest.mark.parametrize("recipient", ["alice@local.test", "team@local.test"])
+async def test_a_mailbox_write_passed_to_virtual_and_cut_off_is_recorded_for_the_local_recipient(
+        tmp_path, monkeypatch, caplog, recipient):
+    """local's mailbox_transport passes alice's mailbox to virtual, whose write is held past UNCUT_LIMIT at a stop
+    and let go at the cut-off. virtual handed on its late result about the address it was given (alice, for team's
+    expansion too), which qmgr dropped as no recipient of the job: the warning said it would be recorded, the
+    restart wrote a second copy. It is made the local recipient's, as the pass's result is: one copy."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    caplog.set_level(logging.INFO, MAIL_LOGGER)
+    held = HeldMaildirWrite(tmp_path, monkeypatch)
+    (tmp_path / "aliases").write_text("team: alice@local.test\n")
+    settings = base_settings(tmp_path)
+    config = config_from_dict({**settings, "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "local": {**settings["local"], "mailbox_transport": "virtual"},
+                               "virtual_mailbox_maps": ["inline:{alice@local.test=local.test/alice/}"],
+                               "virtual_mailbox_base": str(tmp_path / "vmail")})
+    mailbox = tmp_path / "vmail" / "local.test" / "alice"
+    try:
+        mf = Mailflow(config, shutdown_grace=0.5)
+        await mf.start()
+        try:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", [recipient], b"Subject: once\r\n\r\nbody\r\n")
+            await eventually(held.writing.is_set, what="the write began")
+            asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
+                held.release.set() or True), what="the cut-off"))
+        finally:
+            await asyncio.wait_for(mf.stop(), 10)
+    finally:
+        held.release.set()
+    assert "its result is recorded if it ends" in caplog.text
+    sent = [r.getMessage() for r in caplog.records if "to=<alice@local.test>" in r.getMessage()]
+    assert len(sent) == 1 and " relay=virtual, " in sent[0] and " status=sent (delivered to maildir)" in sent[0], sent
+    assert ("orig_to=<team@local.test>" in sent[0]) == (recipient == "team@local.test"), sent
+
+    held.let_go()
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert len(maildir_messages(mailbox)) == 1
+
+
 _real_open_mailbox = mbox._open_mailbox  # (in call_as's child too: its import of this module comes before the patch)
 HOLD = ""  # (set in call_as's child: the directory where its append says it began and waits to be let go)
 

@@ -250,9 +250,10 @@ class LocalTransport:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
         leaves = first_of_each_key(met)
         if len(leaves) == 1 and isinstance(leaves[0], Pass):  # reported as the other agent reports it
-            passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
-            return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
-                           next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
+            def reported(passed: RcptResult) -> RcptResult:  # (its late result too, past a stop's cut-off)
+                return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
+                               next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
+            return reported(await self._pass_once(request, rcpt, leaves[0], filled, expansion, reported))
         if len(leaves) <= 1:  # (a stop's cancel cuts it at once, but in a write: the write's own uncut waits)
             def sole(written: Part) -> list[RcptResult]:  # (the result to hand on when the write ends past the limit)
                 return [self._recipient_result(rcpt, [written], [_list_of(leaves[0])], leaves, expansion)]
@@ -371,12 +372,12 @@ class LocalTransport:
         return filled.mailboxes[key]
 
     async def _pass_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, filled: _Filled,
-                         expansion: str) -> RcptResult:
+                         expansion: str, reported: Callable[[RcptResult], RcptResult] | None = None) -> RcptResult:
         """`_pass`, once per request for an address (local(8)'s been_here "mailbox"): a recipient that leads there
         again gets the first result."""
         key = identity(leaf)
         if key not in filled.passes:
-            filled.passes[key] = await self._pass(request, rcpt, leaf, expansion)
+            filled.passes[key] = await self._pass(request, rcpt, leaf, expansion, reported)
         return filled.passes[key]
 
     def _combine(self, rcpt: Recipient, parts: list[Part]) -> RcptResult:
@@ -473,19 +474,24 @@ class LocalTransport:
             return _failed(e)
         return sent
 
-    async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
+    async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "",
+                    reported: Callable[[RcptResult], RcptResult] | None = None) -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
         nexthop local was given; its result, about the address it was given. A transport that is not there, fails
         or answers with no result defers 4.3.0, as deliver_pass says. The address of a recipient an alias or
         .forward expanded (`expansion`) goes with its NOTIFY without SUCCESS, as alias.c passes it on: the
-        expansion reports success."""
+        expansion reports success. The results the transport hands on past a stop's cut-off (its write's:
+        DeliveryRequest.settled_late) are made the recipient's by `reported` (a pass that is the recipient's one
+        destination); without it they are not taken (the transport cuts its write off: the uncut around the
+        recipient's destinations hands theirs on)."""
         log.info("%s: passing <%s> to transport=%s", request.queue_id, leaf.address, leaf.transport)
         given = replace(rcpt, address=leaf.address, notify=without_success(rcpt.notify) if expansion else rcpt.notify)
         peer = self._peers.get(leaf.transport)
         if peer is None:
             return self._result(given, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
         try:
-            report = await peer.deliver(replace(request, recipients=(given,), nexthop=leaf.nexthop or request.nexthop))
+            report = await peer.deliver(replace(request, recipients=(given,), nexthop=leaf.nexthop or request.nexthop,
+                                                on_late=_passed_late(request, reported, peer.program)))
         except Exception:
             log.exception("%s: transport %s failed for <%s>", request.queue_id, leaf.transport, leaf.address)
             return self._result(given, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
@@ -563,6 +569,22 @@ def _list_of(leaf) -> ListOf:
     owner and address; None for the others."""
     owner = leaf.sender if isinstance(leaf, (Command, File, Refused)) else None
     return (owner, leaf.address) if owner is not None else None
+
+
+def _passed_late(request: DeliveryRequest, reported: Callable[[RcptResult], RcptResult] | None,
+                 program: str) -> Callable[[Callable[[], Awaitable[list[RcptResult]]]], None] | None:
+    """The `on_late` of a request passed to another transport (`_pass`): its late results handed on to `request`'s,
+    each with the passing transport's `program` and made the recipient's by `reported`; None without `reported`
+    or one to hand them to."""
+    if reported is None or request.on_late is None:
+        return None
+    on_late = request.on_late
+
+    def passed_late(late: Callable[[], Awaitable[list[RcptResult]]]) -> None:
+        async def results() -> list[RcptResult]:
+            return [reported(replace(result, program=program)) for result in await late()]
+        on_late(results)
+    return passed_late
 
 
 class _Walk:
