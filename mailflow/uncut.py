@@ -21,7 +21,10 @@ delivered again (a stop cancels the deliveries still running at the end of its g
                               a `late` that hands qmgr the work's results to come: `settle_late(results)`
                               (DeliveryRequest.settled_late: False, no one takes them) given `results()`, which
                               waits for the work and returns `made(its result)` (none when it failed); a cancel of
-                              that wait (the stop gave up on it) cuts the work off (`cut_off`)
+                              that wait (the stop gave up on it) cuts the work off (`cut_off`). Work that failed
+                              hands on nothing: its recipient stays queued, and the retry tells the failure (for
+                              local's several destinations the work is their walk, whose result is one from all
+                              their parts: a failed last write's deferral is handed on with the others')
     cut_off(work)             `work` cancelled as cut off: an uncut within it goes through at once, unwarned (a
                               worker thread is left to end on its own)
     postpone_cancel()         the cancel just caught, raised at the task's next wait instead (work that had ended
@@ -67,13 +70,11 @@ async def uncut(work: Awaitable[T], what: str, late: Late | None = None) -> T:
                 cut_off_at = loop.time() + limit
             continue
         if cut_off_at is not None and not running.done() and loop.time() >= cut_off_at:
-            if late is not None and late(running):
-                log.warning("%s still under way %gs after a stop's cancel: its result is recorded if it ends while "
-                            "the stop records results, else the recipient stays queued (a second copy may follow)",
-                            what, limit)
-            else:
-                log.warning("%s still under way %gs after a stop's cancel: cut off, the recipient stays queued (a "
-                            "second copy may follow)", what, limit)
+            taken = late is not None and late(running)
+            log.warning("%s still under way %gs after a stop's cancel: %s the recipient stays queued (a second copy "
+                        "may follow)", what, limit, "its result is recorded if it ends while the stop records "
+                        "results, else" if taken else "cut off,")
+            if not taken:
                 cut_off(running)
             raise asyncio.CancelledError
     if cut_off_at is not None:
@@ -91,6 +92,8 @@ def settling_late(settle_late: Callable[[Callable[[], Awaitable[list[R]]]], bool
                   made: Callable[[T], list[R]]) -> Late:
     """See the module docstring."""
     def late(running: asyncio.Future[T]) -> bool:
+        running.add_done_callback(_retrieved)  # (a wait for it cancelled before its first step: no error unretrieved)
+
         async def results() -> list[R]:
             try:
                 await asyncio.wait({running})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -193,3 +194,36 @@ async def test_a_late_taker_that_gives_up_cuts_the_work_off_and_an_uncut_within_
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all(w.startswith("Q1: the delivery of <a@example.test> still under way")
                                       for w in warnings), warnings
+
+
+async def test_work_taken_late_by_a_taker_that_never_waits_leaves_no_error_unretrieved(monkeypatch):
+    """The taker's task cancelled before its first step (the stop ended its records at once) never waits for the
+    work; the write then failed, and its error was logged at collection as never retrieved. It is retrieved."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.1)
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    release = threading.Event()
+
+    def failing_write() -> None:
+        release.wait(10)
+        raise OSError(5, "Input/output error")
+
+    async def agent() -> None:
+        late = settling_late(lambda results: True, lambda done: [done])  # (taken, never waited for)
+        await uncut(asyncio.to_thread(failing_write), "Q1: the write of new/1", late=late)
+
+    try:
+        task = asyncio.create_task(agent())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        release.set()
+        await asyncio.sleep(0.2)  # (the write failed)
+        del task
+        gc.collect()
+    finally:
+        release.set()
+        loop.set_exception_handler(None)
+    assert unretrieved == []
