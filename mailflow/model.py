@@ -298,9 +298,10 @@ class DeliveryRequest:
 
     def settled_late(self, results: Callable[[], Awaitable[list[RcptResult]]]) -> bool:
         """An agent's word, as a stop cuts its work off (mailflow.uncut's limit passed), that `results()` waits for
-        that work (left running: a write that ends on its own) and returns the results it makes final. qmgr waits
-        for them while it records the results already back (its RECORD_GRACE) and records them, or cancels the wait
-        (the work is cut off then: a restart delivers its recipients again). False when no one takes them (a
+        that work (left running: a write that ends on its own) and returns the results it makes final, about the
+        request's recipients. qmgr waits for them while it records the results already back, LATE_RESULT_GRACE s at
+        most, and records them, or cancels the wait (the work is cut off then: a restart delivers its recipients
+        again). False when no one takes them (a
         request not from qmgr): the agent cuts the work off at once."""
         if self.on_late is None:
             return False
