@@ -9,7 +9,9 @@ seconds while the loop served nothing else. One flooding client must not take th
 What `Listening` owns: the sockets bound for one address (one per address family `host` resolves to, as
 create_server binds them), listening from the moment `listen()` returns (connections wait in the kernel's queue
 until `start_serving()`), and the accepting. Each accepted connection gets its protocol from `factory()` on a
-transport of its own (`loop.connect_accepted_socket`, TLS from the first byte when `ssl` is given).
+transport of its own: made at once in plaintext (the selector loop's own way, `_make_socket_transport`: no task
+per connection), through `loop.connect_accepted_socket` with TLS from the first byte (`ssl` given) or on a loop
+without that method.
 
 Failure behaviour:
 - accept() out of resources: the socket is not watched for a pause (ACCEPT_PAUSE, doubling up to MAX_PAUSE while
@@ -61,6 +63,11 @@ class Listening(asyncio.AbstractServer):
         self._failing = False  # since the last failure, nothing accepted yet
         self._warned = False  # a warning was written since accepting last worked
         self._connecting: set[asyncio.Task] = set()
+        # asyncio's selector loop makes a plaintext transport with this private method; connect_accepted_socket
+        # awaits it in a task of its own, which costs every connection two turns of the loop more (the task's
+        # step, and its done callback) and a future. Another loop (or a later asyncio without it) takes the public
+        # path (`_connect`), which TLS listeners take anyway (their handshake is awaited there).
+        self._make_transport: Callable | None = getattr(self._loop, "_make_socket_transport", None)
 
     @property
     def where(self) -> str:
@@ -128,9 +135,21 @@ class Listening(asyncio.AbstractServer):
             if self._failing:
                 self._recovered()
             conn.setblocking(False)
+            if self._ssl is None and self._make_transport is not None:
+                self._begin(conn, self._make_transport)
+                continue
             task = self._loop.create_task(self._connect(conn))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
+
+    def _begin(self, conn: socket.socket, make_transport: Callable) -> None:
+        """A plaintext connection's protocol and transport, made now (what connect_accepted_socket does without
+        its task: the protocol's connection_made and the socket's reading are on the loop's next turn either way)."""
+        try:
+            make_transport(conn, self._factory())
+        except Exception:  # (the protocol factory's fault: this connection only)
+            self._log.exception("%s: cannot begin a session", self.where)
+            conn.close()
 
     async def _connect(self, conn: socket.socket) -> None:
         try:

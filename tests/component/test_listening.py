@@ -2,7 +2,9 @@
 
 Covered: a connection reaches its protocol; out of descriptors (EMFILE injected into a real listening socket's
 accept) the socket is left alone for a pause that doubles while it lasts, with one warning, and once a connection
-is accepted again, one line saying so; a protocol factory that raises costs that connection only.
+is accepted again, one line saying so; a protocol factory that raises costs that connection only; a plaintext
+connection gets its transport in the accept callback itself (no task per connection: two turns of the loop fewer),
+and a loop without the selector loop's private way to make one still serves it (through a task).
 """
 from __future__ import annotations
 
@@ -107,3 +109,37 @@ async def test_a_protocol_factory_that_fails_costs_that_connection_only(caplog):
     finally:
         server.close()
     assert "cannot begin a session" in caplog.text and "a bug in a session's constructor" in caplog.text
+
+
+async def _tasks_while_a_connection_is_served(server: Listening) -> list[str]:
+    """The coroutines of the tasks the loop made while one connection reached its protocol."""
+    loop = asyncio.get_running_loop()
+    made_tasks: list[str] = []
+
+    def factory(loop, coro, **kwargs):
+        made_tasks.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    made: list = []
+    server._factory = lambda: Recorded(made)
+    previous = loop.get_task_factory()
+    loop.set_task_factory(factory)
+    try:
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        await eventually(lambda: made, timeout=5)
+        writer.close()
+    finally:
+        loop.set_task_factory(previous)
+        server.close()
+    return made_tasks
+
+
+async def test_a_plaintext_connection_gets_its_transport_without_a_task():
+    server = await listen(asyncio.Protocol, "127.0.0.1", 0, logger=logging.getLogger("test"))
+    assert "Listening._connect" not in await _tasks_while_a_connection_is_served(server)
+
+
+async def test_a_loop_without_the_private_transport_maker_serves_through_connect_accepted_socket():
+    server = await listen(asyncio.Protocol, "127.0.0.1", 0, logger=logging.getLogger("test"))
+    server._make_transport = None  # (as on a loop that lacks _make_socket_transport)
+    assert "Listening._connect" in await _tasks_while_a_connection_is_served(server)
