@@ -212,6 +212,7 @@ class ProtocolCore(SMTP):
         self.session: SessionState | None = None  # type: ignore[assignment]
         self.envelope: Transaction | None = None  # type: ignore[assignment]
         self.transport = None
+        self._out: asyncio.WriteTransport = None  # type: ignore[assignment]  # (set by connection_made)
         # aiosmtpd's private attributes, for its inherited methods (see the module doc)
         self._timeout_duration = timeout
         self._timeout_handle = self._tls_protocol = self._original_transport = self._handler_coroutine = None
@@ -300,6 +301,8 @@ class ProtocolCore(SMTP):
         if self._ended:  # a TLS handshake that completed after the session gave up on it: nothing left to serve
             transport.close()
             return
+        # what aiosmtpd's `_writer` writes to from now on (the TLS transport after STARTTLS): `_write`'s
+        self._out = transport  # type: ignore[assignment]  # (a stream transport; not typing.cast: a call)
         if self.transport is None:  # the connection
             self._sessions.add(self)
             super().connection_made(transport)
@@ -358,6 +361,7 @@ class ProtocolCore(SMTP):
         self._wire.let_go()
         self._client_connected_cb = None
         self._writer = None  # type: ignore[assignment]  # nothing writes after the end (no timer, not in _sessions)
+        self._out = None  # type: ignore[assignment]
         self._stream_writer = None  # asyncio's, dropped by connection_lost, which a failed TLS handshake never gets
 
     def _observe_identity(self, t: Transcript) -> None:
@@ -533,9 +537,12 @@ class ProtocolCore(SMTP):
                              recipients[0] if recipients else None, client)
 
     async def _write(self, data: bytes) -> None:
-        """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all."""
-        self._writer.write(data)
-        if self._writer.transport.get_write_buffer_size():
+        """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all.
+        Straight to the transport the stream writer writes to (`_out`): its write() and transport property are
+        two calls a reply more."""
+        out = self._out
+        out.write(data)
+        if out.get_write_buffer_size():
             await self._drain()
 
     async def _drain(self) -> None:
