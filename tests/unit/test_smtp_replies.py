@@ -372,6 +372,19 @@ def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
     assert dsn_rcpt_params(utf8, smtputf8=True) == [b"ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test", b"NOTIFY=NEVER"]
 
 
+def test_xtext_writes_each_character_as_rfc_3461_does_and_leaves_plain_text_as_it_is():
+    """Every character 0-255 (and some beyond) alone and between xchars: printable ASCII but "+" and "=" as is,
+    every other byte of its UTF-8 as +HH; text with nothing to escape is returned itself (no work a character)."""
+    for code in [*range(256), 0x2028, 0x1F600]:
+        c = chr(code)
+        escaped = c if 0x21 <= code <= 0x7E and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        assert xtext(f"a{c}b") == f"a{escaped}b"
+        assert xtext(c) == escaped
+    assert xtext("") == ""
+    plain = "rfc822-style.Address_with~all!xchars@dest.test"
+    assert xtext(plain) is plain
+
+
 def test_a_non_ascii_orcpt_is_quoted_by_its_type_as_postfixs_smtp_client_quotes_it():
     """smtp_proto.c: a queued `rfc822;` ORCPT goes as xtext (+HH of the UTF-8 bytes), a `utf-8;` one with
     uxtext's \\x{HEX}; one made up is `utf-8;` only for a message that asked for SMTPUTF8."""
