@@ -5,8 +5,10 @@ cannot be queued (the one table `status.error_reply`).
 """
 from __future__ import annotations
 
+import cProfile
 import inspect
 import logging
+import pstats
 import sqlite3
 
 import pytest
@@ -14,7 +16,7 @@ from aiosmtpd.smtp import SMTP
 
 from mailflow import status
 from mailflow.content import SPOOL_PREFIX, Spool
-from mailflow.stages.smtpd.protocol import AIOSMTPD_STATE
+from mailflow.stages.smtpd.protocol import AIOSMTPD_STATE, hook_table
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.session import SmtpSession
 from mailflow.stages.smtpd.state import SessionState, Transaction
@@ -146,6 +148,34 @@ async def test_aiosmtpd_still_has_every_private_name_the_session_sets_for_it(mai
     assert set(ours._smtp_methods) >= {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "ETRN",
                                         "VRFY", "STARTTLS", "AUTH", "XCLIENT"}
     assert not {"EXPN", "HELP"} & set(ours._smtp_methods)  # aiosmtpd's are left out: Postfix has neither
+
+
+async def test_a_sessions_hooks_are_those_aiosmtpd_finds_fetched_at_once(mailflow_server, monkeypatch):
+    """The hook table (aiosmtpd's `_handle_hooks`) is the one aiosmtpd's own constructor builds for the same
+    handler, an instance's own hook included, for a handler with many hooks, one or none; the methods are fetched
+    together (one attrgetter), not by a getattr call each."""
+    mf = await mailflow_server()
+    handler = mf.smtpd.listeners[0].handler
+
+    async def own_rcpt(*args):
+        return "250 OK"
+
+    monkeypatch.setattr(handler, "handle_RCPT", own_rcpt)
+
+    class One:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 OK"
+
+    class Nothing:
+        pass
+
+    for h in (handler, One(), Nothing()):
+        assert hook_table(h) == SMTP(h, hostname="mx.mailflow.test")._handle_hooks
+    assert hook_table(handler)["RCPT"] is own_rcpt
+    assert len(hook_table(handler)) > 10
+    profile = cProfile.Profile()
+    profile.runcall(hook_table, handler)
+    assert not [f for f in pstats.Stats(profile).stats if f[2] == "<built-in method builtins.getattr>"]
 
 
 async def test_a_session_cannot_be_made_with_a_handler_that_does_not_judge_addresses(mailflow_server):

@@ -5,7 +5,8 @@ What it owns
 - Construction: aiosmtpd's `SMTP.__init__` inspects the session class and the handler (`inspect.getmembers`,
   `dir`, `inspect.signature`) on every connection, several percent of the server's CPU when each message comes
   on a connection of its own. `ProtocolCore.__init__` sets what aiosmtpd's inherited methods read and takes the
-  tables of smtp_* verbs and handle_* hooks from a cache: built once per class.
+  table of smtp_* verbs and the names of the handle_* hooks from a cache, built once per class (the hooks' methods
+  fetched together: `hook_table`).
 - The connection: `connection_made` (after STARTTLS the client stays who it was), `data_received` (straight into
   the session's `wire.Wire`, made with the session: no StreamReader copy in between), `eof_received` (input
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
@@ -85,6 +86,7 @@ import contextlib
 import fcntl
 import logging
 import math
+import operator
 import re
 import struct
 import termios
@@ -165,7 +167,7 @@ class ProtocolLimits:
 
 
 _COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb
-_HOOKS: dict[type, tuple[str, ...]] = {}  # per handler class: its handle_* hooks
+_HOOKS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple]]] = {}  # per handler class: see hook_table
 
 
 def command_table(cls: type) -> dict[str, Callable]:
@@ -177,12 +179,17 @@ def command_table(cls: type) -> dict[str, Callable]:
     return table
 
 
-def hook_names(handler_class: type) -> tuple[str, ...]:
-    """The `handle_*` hooks a handler class has, found once."""
-    names = _HOOKS.get(handler_class)
-    if names is None:
-        names = _HOOKS[handler_class] = tuple(name for name in dir(handler_class) if name.startswith("handle_"))
-    return names
+def hook_table(handler: Any) -> dict[str, Callable]:
+    """A handler's hooks as aiosmtpd keeps them (`_handle_hooks`: the name without `handle_`, the bound method as
+    the handler has it now). The names a handler class has are found once; the methods are fetched by one
+    attrgetter for all of them, not a getattr call each (fifteen a connection)."""
+    found = _HOOKS.get(type(handler))
+    if found is None:
+        names = tuple(name for name in dir(type(handler)) if name.startswith("handle_"))
+        fetch = operator.attrgetter(*names) if len(names) > 1 else lambda h: tuple(getattr(h, n) for n in names)
+        found = _HOOKS[type(handler)] = (tuple(name[7:] for name in names), fetch)
+    keys, fetch = found
+    return dict(zip(keys, fetch(handler)))
 
 
 class ProtocolCore(SMTP):
@@ -217,7 +224,7 @@ class ProtocolCore(SMTP):
         self._timeout_duration = timeout
         self._timeout_handle = self._tls_protocol = self._original_transport = self._handler_coroutine = None
         self._tls_handshake_okay = True
-        self._handle_hooks = {name[7:]: getattr(handler, name) for name in hook_names(type(handler))}
+        self._handle_hooks = hook_table(handler)
         self._smtp_methods = command_table(type(self))
         # this session's
         self._sessions = sessions
