@@ -71,6 +71,9 @@ _LABEL_END = r"[^\x00-\x2f:-@\[-\^`{-\x7f]"  # [A-Za-z0-9_], and any non-ASCII c
 _LABEL_INSIDE = r"[^\x00-\x2c./:-@\[-\^`{-\x7f]"  # the same and "-"
 _LABEL = rf"{_LABEL_END}(?:{_LABEL_INSIDE}*{_LABEL_END})?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+# the same for an ASCII domain, each label at most 63 characters (`_labels_fit`'s count, in one match)
+_ASCII_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_ASCII_DOMAIN_RE = re.compile(rf"{_ASCII_LABEL}(?:\.{_ASCII_LABEL})*\.?")
 _NUMERIC_DOMAIN = re.compile(r"[0-9.]+")
 _A_LABELS = re.compile(rb"[A-Za-z0-9_\-.]+")  # (the codec maps U+3002 and its kin to dots: more labels)
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
@@ -603,8 +606,11 @@ def is_valid_domain(domain: str) -> bool:
     trailing dot or brackets the two agree (tests/unit/test_address.py keeps them so)."""
     if domain.startswith("["):
         return is_address_literal(domain)
-    return (len(domain) <= 255 and bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain)
-            and not _NUMERIC_DOMAIN.fullmatch(domain))
+    if len(domain) > 255:
+        return False
+    if domain.isascii():  # (most: labels and their lengths in one match)
+        return _ASCII_DOMAIN_RE.fullmatch(domain) is not None and not _NUMERIC_DOMAIN.fullmatch(domain)
+    return bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain) and not _NUMERIC_DOMAIN.fullmatch(domain)
 
 
 def hostname_gripe(name: str) -> str | None:
