@@ -5,6 +5,7 @@ cannot be queued (the one table `status.error_reply`).
 """
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import inspect
 import logging
@@ -250,3 +251,20 @@ async def test_a_spool_that_cannot_be_written_refuses_the_message_and_says_so_on
     lines = [r for r in caplog.records if "cannot write its spool file" in r.getMessage()]
     assert len(lines) == 1 and "Traceback" not in caplog.text
     assert (await send_message(mf.smtp_addresses[0][1]))[0] == 250  # a small one stays in memory: queued
+
+
+async def test_the_clients_address_follows_its_peer_and_costs_no_call_to_read():
+    """`peer_ip` is the peer's address as text ("unknown" without one), whatever set the peer (the connection, a
+    PROXY header, XCLIENT, STARTTLS's carried identity), and is read as a plain field (a dozen times a message)."""
+    session = SessionState(asyncio.get_running_loop())
+    assert session.peer is None and session.peer_ip == "unknown"
+    for peer, ip in [(("192.0.2.1", 25), "192.0.2.1"), (("2001:db8::1", None), "2001:db8::1"), ((), "unknown"),
+                     (None, "unknown"), (("198.51.100.7", "0123"), "198.51.100.7")]:
+        session.peer = peer
+        assert (session.peer, session.peer_ip) == (peer, ip)
+    after = SessionState(asyncio.get_running_loop())
+    after.carry_identity(session)
+    assert after.peer_ip == "198.51.100.7"
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [session.peer_ip for _ in range(20)])
+    assert pstats.Stats(profile).total_calls <= 3  # (the lambda, its comprehension, the profiler's disable)

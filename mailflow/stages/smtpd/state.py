@@ -74,8 +74,9 @@ def helo_name(text: str) -> str:
 class SessionState(_AiosmtpdSession):
     """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
-    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT (port None: [UNAVAILABLE];
-    # after XCLIENT PORT the digits as sent, a str)
+    # `peer`: (ip, port) of the client: the real one after a PROXY header or XCLIENT (port None: [UNAVAILABLE];
+    # after XCLIENT PORT the digits as sent, a str); setting it sets `peer_ip`
+    peer_ip: str  # the client's address as text, "unknown" when there is none (read a dozen times a message)
     server_ip: str  # the address of this server the client connected to ("" when unknown); behind a PROXY
     server_port: int | str | None  # header the one it names (the balancer's front end), as Postfix; the port (None
     # when unknown: not known from the socket, or XCLIENT DESTPORT=[UNAVAILABLE]; after DESTPORT the digits as sent)
@@ -169,21 +170,25 @@ class SessionState(_AiosmtpdSession):
         return self.defer_if_permit_helo or self.defer_if_permit_client
 
     @property
-    def peer_ip(self) -> str:
-        peer = self.peer
-        return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+    def peer(self) -> Any:
+        return self._peer
+
+    @peer.setter
+    def peer(self, peer: Any) -> None:
+        self._peer = peer
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
     @property
     def peer_port(self) -> int:
         """The client's port; 0 when unknown (XCLIENT PORT=[UNAVAILABLE])."""
-        peer = self.peer
+        peer = self._peer
         return int(peer[1] or 0) if isinstance(peer, tuple) and len(peer) > 1 else 0
 
     @property
     def port_text(self) -> str:
         """The client's port as Postfix writes it (policy requests, the queue file's client_port, footers):
         `unknown` after XCLIENT PORT=[UNAVAILABLE] (the peer's port None), else the number (`0` for PORT=0)."""
-        peer = self.peer
+        peer = self._peer
         port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
         return "unknown" if port is None else str(port)
 
@@ -205,7 +210,7 @@ class SessionState(_AiosmtpdSession):
     def client_info(self, transaction: Transaction | None = None, *, login_in_received: bool = False) -> ClientInfo:
         """The client as cleanup records it (Received header, `client=` log line); `login_in_received`: the
         Received header names the login (sasl_authenticated_header)."""
-        host = (self.peer or ("unknown", 0))[0]
+        host = (self._peer or ("unknown", 0))[0]
         port = self.peer_port
         login = self.login
         return ClientInfo(addr=host, port=port, helo=self.host_name or "",
