@@ -5,6 +5,8 @@ CRLF "." finds, wherever the dots, line ends and bounds fall). The protocol rule
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import pstats
 
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -547,3 +549,28 @@ def test_bdat_content_whose_bare_lf_is_taken_is_mended_and_counted_as_postfix_st
     out.append(check.end())
     assert (check.finish() != "CR", check.octets) == (True, octets)
     assert stored is None or b"".join(out) == stored
+
+
+def test_a_command_line_waited_for_measures_the_buffer_once_a_wait():
+    """A line that arrives while the session waits for it: read_line measures what it has once before it waits,
+    and the wait measures it once more when input has come (no length taken twice for the same buffer)."""
+
+    async def dialogue() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        wire = Wire("mx.test", loop=loop)
+        lines = []
+        for command in (b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"):
+            loop.call_soon(wire.feed, command[:4])
+            loop.call_later(0.001, wire.feed, command[4:] + b"\r\n")
+            lines.append(await wire.read_line(512))
+        return lines
+
+    profile = cProfile.Profile()
+    assert profile.runcall(asyncio.run, dialogue()) == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"]
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    lengths = sum(made for (_, _, name), (*_, callers) in stats.items() if name == "<built-in method builtins.len>"
+                  for (caller_file, _, caller), (made, *_) in callers.items()
+                  if caller_file.endswith("wire.py") and caller in ("read_line", "_fill"))
+    # each line: two waits (its first bytes, then the rest) of one measure in read_line and one in _fill each,
+    # and the line's own length
+    assert lengths == 3 * (2 * 2 + 1)

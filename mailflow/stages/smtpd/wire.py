@@ -291,13 +291,15 @@ class Wire:
         """The first bytes received and not consumed (for the log of a pipelining violation)."""
         return bytes(self._buf[:limit])
 
-    async def _fill(self) -> None:
-        """Wait until more than what the buffer holds now has arrived."""
-        have = len(self._buf)
+    async def _fill(self, have: int | None = None) -> None:
+        """Wait until more than what the buffer holds now has arrived (`have`: its length, when the caller has just
+        measured it: the buffer cannot grow before this waits, input comes in a turn of the loop of its own)."""
+        if have is None:
+            have = len(self._buf)
         if self._paused:
             self._paused = False
             self._reading(True)
-        while len(self._buf) == have:
+        while True:
             if self._error is not None:
                 raise self._error
             if self._eof:
@@ -306,6 +308,8 @@ class Wire:
                 self._loop = asyncio.get_running_loop()
             self._waiter = self._loop.create_future()
             await self._waiter
+            if len(self._buf) != have:
+                return
 
     async def wait_input(self) -> bool:
         """Wait until some input is here (True) or none will come (False): postscreen's greet wait."""
@@ -338,11 +342,11 @@ class Wire:
             end = self._buf.find(b"\n", start)
             if end >= 0:
                 break
-            if len(self._buf) > limit:
+            start = len(self._buf)
+            if start > limit:
                 await self._skip_line()
                 raise WireError(status.LINE_TOO_LONG, fatal=False)
-            start = len(self._buf)
-            await self._fill()
+            await self._fill(start)
         line = bytes(self._buf[:end + 1])
         del self._buf[:end + 1]
         if not line.endswith(b"\r\n"):
