@@ -7,8 +7,10 @@ Each test speaks raw SMTP to a running mailflow (or, for limits the listener doe
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import email
 import logging
+import pstats
 import re
 import email.policy
 import socket
@@ -770,3 +772,35 @@ async def test_replies_go_straight_to_the_transport_not_through_the_stream_write
     assert (await c.cmd("QUIT"))[0] == 221
     assert await c.closed()
     assert port not in through_writer  # (the test client's own writes go through its stream writer)
+
+
+async def test_only_a_command_already_followed_by_input_counts_toward_handing_the_loop_back(mailflow_server):
+    """A client that waits for each reply never has the session count toward PIPELINED_TURN (the count starts
+    again at each wait, with no call for it); one that pipelines has each command behind another counted, and
+    all are answered."""
+    mf, port = await _server(mailflow_server)
+
+    def turns_taken(profile: cProfile.Profile) -> int:
+        return sum(calls for (file, _, name), (_, calls, *_rest) in pstats.Stats(profile).stats.items()
+                   if name == "_take_turns" and file.endswith("protocol.py"))
+
+    c = await SmtpClient.connect(port)
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        await c.envelope()
+        assert (await c.cmd("DATA"))[0] == 354
+        assert (await c.cmd(MSG.decode() + "."))[0] == 250
+        assert (await c.cmd("RSET"))[0] == 250
+    finally:
+        profile.disable()
+    assert turns_taken(profile) == 0
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        await c.send(b"RSET\r\n" * 70)
+        assert [(await c.reply())[0] for _ in range(70)] == [250] * 70
+    finally:
+        profile.disable()
+    assert turns_taken(profile) >= 60  # (each RSET whose successor had arrived by its reply)
+    assert (await c.cmd("QUIT"))[0] == 221

@@ -693,7 +693,10 @@ class ProtocolCore(SMTP):
                 if not await self._error_gate():
                     return
                 await self._one_command()
-                await self._take_turns()
+                if self._wire.pending():  # the next command is here already (pipelined)
+                    await self._take_turns()
+                else:
+                    self._in_a_row = 0  # (the next command is waited for)
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
@@ -721,11 +724,8 @@ class ProtocolCore(SMTP):
                 await self.push(reply)
 
     async def _take_turns(self) -> None:
-        """After a command: when the next one has already arrived, no wait for input gives the loop to anyone else,
+        """After a command, when the next one has already arrived: no wait for input gives the loop to anyone else,
         so the session hands it back every PIPELINED_TURN such commands in a row."""
-        if not self._wire.pending():
-            self._in_a_row = 0  # (the next command is waited for)
-            return
         self._in_a_row += 1
         if self._in_a_row >= PIPELINED_TURN:
             self._in_a_row = 0
@@ -803,7 +803,11 @@ class ProtocolCore(SMTP):
             line = filtered
         self.command_line = line
         command_bytes, arg_bytes = verb_and_argument_bytes(line)
-        refusal = _malformed(line, command_bytes)
+        # a line that cannot be a command at all: a NUL, invalid UTF-8 (checked for the whole line first, as Postfix
+        # does with SMTPUTF8 on: nothing later has to cope with undecodable text), no verb (empty or only blanks)
+        refusal = _unreadable(line)
+        if refusal is None and not command_bytes:
+            refusal = status.BAD_SYNTAX
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
             await self.push(refusal)
@@ -1134,14 +1138,6 @@ def _without_keywords(lines: list[str], discarded: frozenset[str]) -> list[str]:
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
 _LETTER = re.compile(r"[A-Za-z]")
 _HANG_UP_CODES = (b"421", b"521")  # a reply starting with one ends the session (Postfix: SMTPD_FLAG_HANGUP)
-def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
-    """Why a command line cannot be a command at all (NUL, invalid UTF-8, no `verb`: empty or only blanks), or
-    None. Valid UTF-8 is checked for the whole line first, as Postfix does with SMTPUTF8 on: nothing later has
-    to cope with undecodable text."""
-    unreadable = _unreadable(line)
-    if unreadable is not None:
-        return unreadable
-    return None if verb else status.BAD_SYNTAX
 
 
 def _unreadable(line: bytes) -> status.Reply | None:
