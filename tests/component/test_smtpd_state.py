@@ -268,3 +268,21 @@ async def test_the_clients_address_follows_its_peer_and_costs_no_call_to_read():
     profile = cProfile.Profile()
     profile.runcall(lambda: [session.peer_ip for _ in range(20)])
     assert pstats.Stats(profile).total_calls <= 3  # (the lambda, its comprehension, the profiler's disable)
+
+
+async def test_the_clients_log_name_follows_its_name_and_address_and_is_made_once_for_them():
+    """`client` is `host[ip]` as known now (the connection's name, XCLIENT's NAME and ADDR, PROXY's address), made
+    again only when one of them changed: read again, it costs no formatting."""
+    session = SessionState(asyncio.get_running_loop())
+    assert session.client == "unknown[unknown]"
+    session.peer = ("192.0.2.1", 25)
+    assert session.client == "unknown[192.0.2.1]"
+    session.client_name = "mx.example.test"
+    assert session.client == "mx.example.test[192.0.2.1]"
+    session.peer = ("198.51.100.7", 25)
+    assert session.client == "mx.example.test[198.51.100.7]"
+    session.client_name = "bad\nname"
+    assert session.client == "bad?name[198.51.100.7]"
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [session.client for _ in range(10)])
+    assert not [f for f in pstats.Stats(profile).stats if f[2] == "client_name"]

@@ -138,6 +138,8 @@ class SessionState(_AiosmtpdSession):
         self.ill_pipelining = False
         self.on_this_host = False
         self.ehlo_said = False
+        self._client_key: tuple[str, str] | None = None  # (client_name, peer_ip) that `_client` was made of
+        self._client = ""
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
@@ -194,8 +196,12 @@ class SessionState(_AiosmtpdSession):
 
     @property
     def client(self) -> str:
-        """`host[ip]` of the client as known now (after PROXY and XCLIENT), for the log."""
-        return client_name(self.client_name, self.peer_ip)
+        """`host[ip]` of the client as known now (after PROXY and XCLIENT), for the log: made again only when its
+        name or address changed (it is asked for at every log line and check that names the client)."""
+        key = (self.client_name, self.peer_ip)
+        if key != self._client_key:
+            self._client_key, self._client = key, client_name(*key)
+        return self._client
 
     @property
     def login(self) -> str:
