@@ -776,13 +776,13 @@ async def test_replies_go_straight_to_the_transport_not_through_the_stream_write
 
 async def test_only_a_command_already_followed_by_input_counts_toward_handing_the_loop_back(mailflow_server):
     """A client that waits for each reply never has the session count toward PIPELINED_TURN (the count starts
-    again at each wait, with no call for it); one that pipelines has each command behind another counted, and
-    all are answered."""
+    again at each wait, with no call for it) nor ask the pipelining rules; one that pipelines has each command
+    behind another counted, and all are answered."""
     mf, port = await _server(mailflow_server)
 
-    def turns_taken(profile: cProfile.Profile) -> int:
+    def turns_taken(profile: cProfile.Profile, function: str = "_take_turns") -> int:
         return sum(calls for (file, _, name), (_, calls, *_rest) in pstats.Stats(profile).stats.items()
-                   if name == "_take_turns" and file.endswith("protocol.py"))
+                   if name == function and file.endswith("protocol.py"))
 
     c = await SmtpClient.connect(port)
     profile = cProfile.Profile()
@@ -795,6 +795,7 @@ async def test_only_a_command_already_followed_by_input_counts_toward_handing_th
     finally:
         profile.disable()
     assert turns_taken(profile) == 0
+    assert turns_taken(profile, "_out_of_sync") == 0  # (nor is the pipelining discipline asked: nothing waits)
     profile = cProfile.Profile()
     profile.enable()
     try:

@@ -286,3 +286,18 @@ async def test_the_clients_log_name_follows_its_name_and_address_and_is_made_onc
     profile = cProfile.Profile()
     profile.runcall(lambda: [session.client for _ in range(10)])
     assert not [f for f in pstats.Stats(profile).stats if f[2] == "client_name"]
+
+
+async def test_the_login_is_the_authenticated_sessions_text_login_and_costs_one_call():
+    session = SessionState(asyncio.get_running_loop())
+    assert session.login == ""
+    session.auth_data = "alice"
+    assert session.login == ""  # (not authenticated)
+    session.authenticated = True
+    assert session.login == "alice"
+    session.auth_data = b"alice"  # (aiosmtpd's own login data: not a login of mailflow's Authenticator)
+    assert session.login == ""
+    session.auth_data = "alice"
+    profile = cProfile.Profile()
+    profile.runcall(lambda: session.login)
+    assert pstats.Stats(profile).total_calls <= 4  # (the lambda, the property, isinstance, the profiler's disable)

@@ -374,7 +374,8 @@ class ProtocolCore(SMTP):
     def _observe_identity(self, t: Transcript) -> None:
         """What the transcript says of the client, as known now (after PROXY, XCLIENT, STARTTLS, AUTH)."""
         t.client, t.helo, t.login = self.session.client, self.session.host_name or "", self.session.login
-        t.tls = tls_description(self.session.ssl)
+        ssl = self.session.ssl
+        t.tls = tls_description(ssl) if ssl is not None else ""  # (plaintext: no call for it)
 
     def _observe_queued(self, queue_id: str) -> None:
         """A message of this session was committed as `queue_id` (its 250 is in the transcript)."""
@@ -515,9 +516,12 @@ class ProtocolCore(SMTP):
             final, line, text, error_class = line.code, str(line), True, line.error_class
         else:
             text = isinstance(line, str)  # (else bytes, as sent: AUTH's 334 challenges)
-            if self._replies_sent and not self._in_hello and text:  # the first is the greeting
-                line = status.with_enhanced_code(line)
-            final = _final_code(line)
+            if not text:
+                final = _final_code(line[:4].decode("ascii", errors="replace"))
+            else:
+                if self._replies_sent and not self._in_hello:  # the first is the greeting
+                    line = status.with_enhanced_code(line)
+                final = _final_code(line)
         if self._footer and text and line[:1] in ("4", "5") and _ends_a_reply(line):
             line = status.with_footer(line, *footer_lines(self._footer, self._footer_values()))
         if self._limits.soft_bounce and text:
@@ -862,8 +866,9 @@ class ProtocolCore(SMTP):
         """RFC 2920 pipelining rules (smtpd_forbid_unauth_pipelining): input must not already be waiting after
         a command that ends a group, nor after any command (QUIT too) of a client that did not say EHLO. Not asked
         again once a violation is logged; asked after the answers Postfix gives first (access denied, an unknown
-        command, STARTTLS required)."""
-        if self.session.ill_pipelining or not self._wire.pending():
+        command, STARTTLS required). Asked only when input is waiting already (`_dispatch` looks first: a client that
+        waits for each reply costs no call for it)."""
+        if self.session.ill_pipelining:
             return False
         return command in LAST_IN_GROUP or not self.session.extended_smtp
 
@@ -880,7 +885,8 @@ class ProtocolCore(SMTP):
         if needs_tls:
             await self.push(status.STARTTLS_FIRST)
             return
-        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self._wire.peek()):
+        if self._wire.pending() and self._out_of_sync(command) and \
+                self._flag_ill_pipelining(command, self._wire.peek()):
             await self._refuse_and_close(status.PROTOCOL_SYNC)
             return
         self._reset_timeout()  # a complete command: the per-command deadline starts again
@@ -1218,8 +1224,7 @@ def _ends_a_reply(text: str) -> bool:
     return text[text.rfind("\n") + 1:][3:4] != "-"
 
 
-def _final_code(line) -> int:
+def _final_code(text: str) -> int:
     """The code of a final reply line (`250 ...`, not `250-...`), else 0."""
-    text = line if isinstance(line, str) else line[:4].decode("ascii", errors="replace")
     code = text[:3]  # (ascii_digits' test, written out: every reply line passes here)
     return int(code) if code.isascii() and code.isdigit() and text[3:4] in (" ", "") else 0

@@ -29,7 +29,6 @@ from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.logs import client_name, printable
 from mailflow.model import ClientAttributes, ClientInfo, Envelope, rfc_addr
-from mailflow.stages.smtpd.auth import login_of
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.smtpd.wire import ContentCheck
@@ -205,8 +204,9 @@ class SessionState(_AiosmtpdSession):
 
     @property
     def login(self) -> str:
-        """The SASL login, "" when not authenticated."""
-        return login_of(self) or ""
+        """The SASL login, "" when not authenticated (auth.login_of's, written out: read a few times a message)."""
+        data = self.auth_data
+        return data if self.authenticated and isinstance(data, str) else ""
 
     @property
     def protocol(self) -> str:
