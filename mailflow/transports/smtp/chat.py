@@ -108,8 +108,8 @@ class Wire(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if isinstance(self._error, (MalformedReply, ReplyFilterError)):  # the parser is of no further use
-            return
+        if self._error is not None and isinstance(self._error, (MalformedReply, ReplyFilterError)):
+            return  # the parser is of no further use
         self._parser.receive_data(data)
         room = READ_AHEAD - len(self._replies)  # (READ_AHEAD at most: the rest of a read stays in the parser's
         try:  # bytes, `_parse_more`'s)

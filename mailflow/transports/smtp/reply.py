@@ -149,7 +149,7 @@ class ReplyParser:
 
     def next_reply(self) -> Reply | None:
         while (line := self._next_line()) is not None:
-            if line.endswith(b"\r"):
+            if line[-1:] == b"\r":  # (a slice's test, not a method call: every reply line passes here)
                 line = line.rstrip(b"\r")
             length = len(line)
             if self._line_filter is not None:
