@@ -138,7 +138,9 @@ class Transcript:
             self._identify(self)
 
     def command(self, line: bytes) -> None:
-        text = _redacted(line.decode("utf-8", "replace"))
+        text = line.decode("utf-8", "replace")
+        first = text[:1]  # (a line whose first character cannot begin AUTH is kept as it is: most, without a call)
+        text = text.strip() if first.isalpha() and first not in "Aa" else _redacted(text)
         observer = self.observer
         if observer.line_limit:
             self._keep("C", text)
@@ -201,10 +203,8 @@ def _nothing() -> None:
 
 
 def _redacted(line: str) -> str:
-    """An AUTH command keeps its mechanism only: `AUTH PLAIN <credentials>` -> `AUTH PLAIN ****`."""
-    first = line[:1]
-    if first.isalpha() and first not in "Aa":  # (a command that cannot be AUTH, whatever space str.split sees)
-        return line.strip()
+    """An AUTH command keeps its mechanism only: `AUTH PLAIN <credentials>` -> `AUTH PLAIN ****` (`command` keeps a
+    line whose first character is a letter other than A as it is, whatever space str.split sees)."""
     words = line.split()
     if len(words) > 2 and words[0].upper() == "AUTH":
         return f"{words[0]} {words[1]} ****"
