@@ -796,6 +796,7 @@ async def test_only_a_command_already_followed_by_input_counts_toward_handing_th
         profile.disable()
     assert turns_taken(profile) == 0
     assert turns_taken(profile, "_out_of_sync") == 0  # (nor is the pipelining discipline asked: nothing waits)
+    assert turns_taken(profile, "_on_input") <= 2  # (the data rate follows the content's reads, no command's)
     profile = cProfile.Profile()
     profile.enable()
     try:

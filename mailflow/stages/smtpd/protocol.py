@@ -234,7 +234,7 @@ class ProtocolCore(SMTP):
         self._command_timeout = timeout
         self.record = SessionLog(self._client_name)
         self._forbid_bare_newline = self._limits.forbid_bare_newline  # (off for an excluded client: server.py)
-        self._wire = Wire(hostname, self._on_input, bare_lf=not self._forbid_bare_newline,
+        self._wire = Wire(hostname, bare_lf=not self._forbid_bare_newline,
                           reading=self._reading, loop=self.loop, line_limit=self._limits.max_line_length)
         self._replies_sent = 0
         self._footer = self._limits.reject_footer  # (read at each reply line: one look-up, not two)
@@ -641,8 +641,9 @@ class ProtocolCore(SMTP):
         self._timeout_cb()
 
     def _on_input(self, count: int) -> None:
-        """Bytes arrived. During DATA/BDAT content the deadline moves with the data rate (smtpd_min_data_rate):
-        never later than `timeout` after this input, nor than `timeout` plus what min_data_rate allows."""
+        """Bytes arrived during DATA/BDAT content (the wire tells it only then: `_content_begins`): the deadline
+        moves with the data rate (smtpd_min_data_rate): never later than `timeout` after this input, nor than
+        `timeout` plus what min_data_rate allows."""
         if self._data_started is None:
             return
         self._data_bytes += count
@@ -654,10 +655,12 @@ class ProtocolCore(SMTP):
     def _content_begins(self) -> None:
         self._data_started = self.loop.time()
         self._data_bytes = 0
+        self._wire.progress = self._on_input
         self._reset_timeout()
 
     def _content_ends(self) -> None:
         self._data_started = None
+        self._wire.progress = None  # (commands' input: no call for it)
         self._reset_timeout()
 
     def _talk_before_greeting_counts(self) -> bool:

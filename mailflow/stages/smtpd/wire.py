@@ -32,7 +32,8 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
   smtpd_forbid_bare_newline to BDAT), and the same mending of stray CRs where a bare LF is taken.
 
-Every byte received goes through `progress`, which the session uses to enforce its deadlines. End of input
+The size of each input is told to `progress` while it is set (smtpd sets it for DATA/BDAT content, whose data rate
+its deadline follows; a command's input costs no call for it). End of input
 raises `ConnectionResetError` (`readexactly`, for a PROXY header: `asyncio.IncompleteReadError`).
 """
 from __future__ import annotations
@@ -217,7 +218,7 @@ class Wire:
         self._host = host
         self._line_limit = line_limit
         self._loop = loop
-        self._progress = progress or _ignore
+        self.progress = progress  # told of each input's size (None: nobody; smtpd sets it for content only)
         self._bare_lf = bare_lf
         self._reading = reading or _ignore
         self._buf = bytearray()
@@ -234,7 +235,8 @@ class Wire:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        self._progress(len(data))
+        if self.progress is not None:
+            self.progress(len(data))
         if len(self._buf) > HIGH_WATER and not self._paused:
             self._paused = True
             self._reading(False)
@@ -250,7 +252,7 @@ class Wire:
     def let_go(self) -> None:
         """The session is over: drop its callbacks (what still arrives is buffered, then dropped with the wire),
         so that no reference cycle holds the session until the garbage collector runs."""
-        self._progress = _ignore
+        self.progress = None
         self._reading = _ignore
 
     def _wake(self) -> None:
