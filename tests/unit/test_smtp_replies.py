@@ -229,6 +229,41 @@ async def test_timeout_and_connection_loss():
     assert reader.failed
 
 
+async def test_the_replies_waited_for_share_one_timer_and_each_wait_keeps_its_own_end():
+    """Each wait times out at its own end (an earlier or a later one than the wait before's), the waits of a
+    session setting the wire's one timer again only when theirs ends sooner: no timer made and cancelled a
+    reply; a lost connection lets the timer go."""
+    reader, _ = wire()
+    loop = asyncio.get_running_loop()
+
+    async def answered_soon(timeout: float) -> int:
+        loop.call_later(0.01, reader.data_received, b"250 ok\r\n")
+        return (await reader.reply(timeout)).code
+
+    assert await answered_soon(5) == 250  # (the timer set for 5 s stays)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await reader.reply(0.05)  # (sooner: set again)
+    assert 0.04 <= loop.time() - started < 1
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        codes = [await answered_soon(5) for _ in range(3)]
+    finally:
+        profile.disable()
+    assert codes == [250] * 3
+    by_the_wire = [(name, made) for (_, _, name), (*_, callers) in pstats.Stats(profile).stats.items()
+                   if name in ("call_later", "call_at", "cancel")
+                   for (caller_file, *_), (made, *_) in callers.items() if caller_file.endswith("chat.py")]
+    assert by_the_wire == [("call_at", 1)]  # (the timer set for the first of them serves the others)
+    started = loop.time()
+    loop.call_later(0.15, reader.data_received, b"250 late\r\n")
+    assert (await reader.reply(0.3)).code == 250  # (a later end than the timer set: waited for whole)
+    assert loop.time() - started >= 0.14
+    reader.connection_lost(None)
+    assert reader._timer is None
+
+
 async def test_garbage_waits_for_the_reply_after_it_and_an_endless_line_times_out():
     reader, _ = wire()
     reader.data_received(b"hello there\r\n")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -100,6 +101,11 @@ class Wire(asyncio.Protocol):
         self._writable: asyncio.Future | None = None  # set while the transport's write buffer is too full
         self._reading_paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # One timer for the replies waited for, moved rather than made again at each (as smtpd's deadline): the
+        # current wait's end (inf: none), and when the timer set fires (None: no timer set)
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     # -- asyncio.Protocol
 
@@ -142,6 +148,9 @@ class Wire(asyncio.Protocol):
         lost = ConnectionClosed(LOST)
         lost.__cause__ = exc
         self._fail(lost)
+        if self._timer is not None:  # (the wire is let go at once, not when its timer would have fired)
+            self._timer.cancel()
+            self._timer = self._timer_at = None
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -180,16 +189,18 @@ class Wire(asyncio.Protocol):
 
     async def reply(self, timeout: float) -> Reply:
         if not self._replies and self._error is None:
-            # One future and one timer (wait_for adds a future and a loop turn, asyncio.timeout a task lookup)
+            # One future, and the wire's one timer (wait_for adds a future and a loop turn, asyncio.timeout a task
+            # lookup, and a timer made and cancelled at each wait is a dozen calls): see `_timer_fired`
             loop = self._loop or asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, _time_out, waiter) if timeout is not None else None
+            self._deadline = loop.time() + timeout if timeout is not None else math.inf
+            if self._deadline != math.inf and (self._timer_at is None or self._timer_at > self._deadline):
+                self._set_timer(loop, self._deadline)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = math.inf
         if self._replies:
             reply = self._replies.popleft()
             if self._reading_paused and len(self._replies) < READ_AHEAD // 2 and self.transport is not None:
@@ -211,9 +222,22 @@ class Wire(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
             self._waiter.set_result(None)
 
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._timer_fired)
 
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
+    def _timer_fired(self) -> None:
+        """The timer set for a wait's end: the wait under way times out (TimeoutError) when its end has come; a
+        later one's end sets the timer again; with no wait under way it is left unset."""
+        self._timer = self._timer_at = None
+        waiter, loop = self._waiter, self._loop or asyncio.get_running_loop()
+        if waiter is None or waiter.done() or self._deadline == math.inf:
+            return
+        if loop.time() < self._deadline:
+            self._set_timer(loop, self._deadline)
+            return
         waiter.set_exception(TimeoutError())
 
 
