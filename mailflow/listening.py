@@ -11,7 +11,8 @@ create_server binds them), listening from the moment `listen()` returns (connect
 until `start_serving()`), and the accepting. Each accepted connection gets its protocol from `factory()` on a
 transport of its own: made at once in plaintext (the selector loop's own way, `_make_socket_transport`: no task
 per connection), through `loop.connect_accepted_socket` with TLS from the first byte (`ssl` given) or on a loop
-without that method.
+without that method. `wait_closed()` returns once every connection accepted so far has reached its protocol
+(connection_made called), so that a stop can drain the sessions of them all.
 
 Failure behaviour:
 - accept() out of resources: the socket is not watched for a pause (ACCEPT_PAUSE, doubling up to MAX_PAUSE while
@@ -112,7 +113,11 @@ class Listening(asyncio.AbstractServer):
         self.sockets = []
 
     async def wait_closed(self) -> None:
-        """Wait for the connections accepted but not yet handed to their protocol."""
+        """Wait until every connection accepted so far has reached its protocol (connection_made called). A
+        plaintext connection's connection_made was queued on the loop by its accept (`_begin`), possibly in this
+        very turn: giving up one turn lets every one queued run first (the loop runs its ready callbacks first in,
+        first out). A connection on the public path (TLS) reaches it in its task, waited for here."""
+        await asyncio.sleep(0)
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)
 

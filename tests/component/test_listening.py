@@ -4,7 +4,8 @@ Covered: a connection reaches its protocol; out of descriptors (EMFILE injected 
 accept) the socket is left alone for a pause that doubles while it lasts, with one warning, and once a connection
 is accepted again, one line saying so; a protocol factory that raises costs that connection only; a plaintext
 connection gets its transport in the accept callback itself (no task per connection: two turns of the loop fewer),
-and a loop without the selector loop's private way to make one still serves it (through a task).
+and a loop without the selector loop's private way to make one still serves it (through a task); wait_closed()
+returns once every connection accepted has reached its protocol, one accepted in the turn it is called too.
 """
 from __future__ import annotations
 
@@ -143,3 +144,28 @@ async def test_a_loop_without_the_private_transport_maker_serves_through_connect
     server = await listen(asyncio.Protocol, "127.0.0.1", 0, logger=logging.getLogger("test"))
     server._make_transport = None  # (as on a loop that lacks _make_socket_transport)
     assert "Listening._connect" in await _tasks_while_a_connection_is_served(server)
+
+
+async def test_wait_closed_returns_once_a_connection_accepted_in_its_turn_has_reached_its_protocol():
+    """A plaintext connection's connection_made is queued on the loop by its accept: a stop woken in that same turn
+    (here by a callback queued just before it) closes the listener and waits; the connection is its protocol's by
+    then, so that the stop drains it with the others."""
+    loop = asyncio.get_running_loop()
+    made: list = []
+    server = await listen(lambda: Recorded(made), "127.0.0.1", 0, logger=logging.getLogger("test"))
+    woken = loop.create_future()
+
+    async def stop_once_woken() -> int:
+        await woken
+        server.close()
+        await server.wait_closed()
+        return len(made)
+
+    stopping = asyncio.create_task(stop_once_woken())
+    await asyncio.sleep(0)
+    client = socket.create_connection(server.sockets[0].getsockname()[:2])  # accepted in the next turn
+    loop.call_soon(woken.set_result, None)  # queued before that accept: the stop resumes in its turn
+    try:
+        assert await asyncio.wait_for(stopping, 5) == 1
+    finally:
+        client.close()

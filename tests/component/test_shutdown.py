@@ -211,6 +211,41 @@ async def test_a_session_waiting_for_its_client_to_read_is_gone_when_the_stop_re
         client.close()
 
 
+async def test_a_connection_accepted_in_the_turn_the_stop_begins_is_drained_by_it(mailflow_server, tmp_path):
+    """The stop is woken in the very turn the listener accepts a connection: its session (whose start is still
+    queued on the loop) is drained with the others, not begun after the stop returned, when it answered a whole
+    transaction with 250 (or hung at its end of data, the queue closed)."""
+    mf = await mailflow_server()
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    async def stop_once_woken() -> None:
+        await woken
+        await mf.smtpd.stop(grace=1.0)
+
+    stopping = asyncio.create_task(stop_once_woken())
+    await asyncio.sleep(0)  # (it waits for woken now)
+    client = socket.create_connection(mf.smtp_addresses[0])  # in the kernel's queue: accepted in the next turn,
+    loop.call_soon(woken.set_result, None)  # after this, which was queued first: the stop resumes in that turn
+    try:
+        await asyncio.wait_for(stopping, 3)
+        assert not mf.smtpd.sessions
+        reader, writer = await asyncio.open_connection(sock=client)
+        first = await asyncio.wait_for(reader.readline(), 3)
+        writer.write(b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n"
+                     b"Subject: late\r\n\r\nbody\r\n.\r\n")
+        try:
+            rest = await asyncio.wait_for(reader.read(), 3)
+        except ConnectionResetError:  # (its writes reached a closed socket)
+            rest = b""
+        writer.close()
+    finally:
+        client.close()
+    assert first in (b"", f"{status.shutting_down(HOST)}\r\n".encode()), first  # told to go, or closed at once
+    assert rest == b""
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {}
+
+
 class LmtpSlowAfterTheFirst:
     """An LMTP peer on 127.0.0.1 that takes every message; after its end of data it answers the first recipient at
     once and the others only once `answer_all` is set (a peer slow with its later replies). `deliveries`: the RCPT
