@@ -214,6 +214,7 @@ async def test_pipelining_after_helo_or_ehlo_is_refused(mailflow_server):
     assert (await c.reply())[0] == 554
     assert await c.closed()
     c = await SmtpClient.connect(port)
+    assert (await c.cmd("HELO client.test"))[0] == 250
     await c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n")
     assert (await c.reply())[0] == 554
     assert await c.closed()
@@ -224,6 +225,7 @@ async def test_quit_is_out_of_sync_with_input_behind_it_after_helo_not_after_ehl
     is not read); after HELO, as every command of an SMTP session, it is."""
     _, port = await _server(mailflow_server)
     c = await SmtpClient.connect(port)
+    assert (await c.cmd("HELO client.test"))[0] == 250
     await c.send(b"QUIT\r\nNOOP\r\n")
     assert await c.reply() == status.PROTOCOL_SYNC
     assert await c.closed()
