@@ -558,10 +558,14 @@ def test_a_command_line_waited_for_measures_the_buffer_once_a_wait():
     async def dialogue() -> list[bytes]:
         loop = asyncio.get_running_loop()
         wire = Wire("mx.test", loop=loop)
+
+        def in_two_pieces(command: bytes) -> None:
+            wire.feed(command[:4])  # wakes the wait: read_line resumes in the next turn, and waits again ...
+            loop.call_soon(wire.feed, command[4:] + b"\r\n")  # ... before this, queued after its wake-up
+
         lines = []
         for command in (b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"):
-            loop.call_soon(wire.feed, command[:4])
-            loop.call_later(0.001, wire.feed, command[4:] + b"\r\n")
+            loop.call_soon(in_two_pieces, command)  # (runs once read_line waits: it waits before its first turn)
             lines.append(await wire.read_line(512))
         return lines
 
