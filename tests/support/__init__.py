@@ -26,6 +26,8 @@ are in tests/conftest.py and build on these.
   certificates with their Postfix fingerprints, for tls_ask_ccert; import it from tests.support.client_certs); raw:
   `converse`, `read_until_closed`, `answers_noop` (SMTP over a blocking socket, for the fuzz and hostile tests),
   `rss_mb`, `peak_rss_mb`, `reset_peak_rss` (a process's memory from /proc; import them from tests.support.raw).
+- calls: `times_called`, `callees` (one function's share of a cProfile run, for a test that a change made that
+  function cheaper; import them from tests.support.calls).
 - seeds: `seed_list` (an exploration's MAILFLOW_*_SEEDS, `1-300` or `1,5,9`; import it from tests.support.seeds).
 - dialogues, wide_dialogues: `generated(seed)` (seeded SMTP sessions for the dialogue differentials against
   Postfix; wide_dialogues adds address forms, SMTPUTF8, VRFY, 8-bit, NUL, bare CR and LF, and its `odd_generated`

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
-import pstats
 
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -15,6 +14,7 @@ from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.stages.smtpd.data import labelled_mailbox_lines
 from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, _line_dot
+from tests.support.calls import callees
 
 PIECES = [b"\r\n", b".", b"\r\n.", b"\r", b"\n", b"x", b"ab.cd", b"\r\n.\r\n", b"."]
 
@@ -571,10 +571,8 @@ def test_a_command_line_waited_for_measures_the_buffer_once_a_wait():
 
     profile = cProfile.Profile()
     assert profile.runcall(asyncio.run, dialogue()) == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"]
-    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    lengths = sum(made for (_, _, name), (*_, callers) in stats.items() if name == "<built-in method builtins.len>"
-                  for (caller_file, _, caller), (made, *_) in callers.items()
-                  if caller_file.endswith("wire.py") and caller in ("read_line", "_fill"))
+    lengths = sum(callees(profile, caller, "wire.py").get("<built-in method builtins.len>", 0)
+                  for caller in ("read_line", "_fill"))
     # each line: two waits (its first bytes, then the rest) of one measure in read_line and one in _fill each,
     # and the line's own length
     assert lengths == 3 * (2 * 2 + 1)
