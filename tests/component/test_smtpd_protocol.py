@@ -757,8 +757,9 @@ async def test_mail_and_rcpt_parameters_are_split_at_ascii_white_space_only(mail
 
 async def test_replies_go_straight_to_the_transport_not_through_the_stream_writer(mailflow_server, monkeypatch):
     """A reply is written to the connection's transport itself (aiosmtpd's StreamWriter.write is a call more a
-    reply, and its transport property another): the dialogue is the same, the server's stream writer unused."""
-    mf, port = await _server(mailflow_server)
+    reply, and its transport property another): the dialogue is the same, the server's stream writer unused, by
+    the 421 of a timeout and of a stop too (one way to write a reply)."""
+    mf, port = await _server(mailflow_server, smtpd={"timeout": "1s"})
     through_writer: list[int] = []
     write = asyncio.StreamWriter.write
 
@@ -773,6 +774,12 @@ async def test_replies_go_straight_to_the_transport_not_through_the_stream_write
     assert (await c.cmd(MSG.decode() + "."))[0] == 250
     assert (await c.cmd("QUIT"))[0] == 221
     assert await c.closed()
+    silent = await SmtpClient.connect(port)
+    assert await silent.reply(timeout=5) == status.session_timeout(HOST)
+    idle = await SmtpClient.connect(port)
+    stopping = asyncio.create_task(mf.stop())
+    assert await idle.reply() == status.shutting_down(HOST)
+    await asyncio.wait_for(stopping, 3)
     assert port not in through_writer  # (the test client's own writes go through its stream writer)
 
 

@@ -57,7 +57,8 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
   for the inherited methods that read them (connection_made/lost, STARTTLS, HELO, RSET, NOOP);
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
 - `_writer`: the connection's output stream, kept by aiosmtpd under this name only (its `_reader` is made, as
-  StreamReaderProtocol needs one, and never fed).
+  StreamReaderProtocol needs one, and never fed); used for its drain and close. Replies are written to the
+  transport it writes to, kept as `_out` (a call fewer a reply than its write()).
 - `_original_transport` (the socket's transport under TLS: read at the end, where a session that ends inside a TLS
   handshake never gets connection_lost, so its socket is closed there; and for what is still unsent to the
   client, in drain, at a timeout and after the end), `_timeout_handle` (read at the end: the timer is cancelled).
@@ -308,7 +309,8 @@ class ProtocolCore(SMTP):
         if self._ended:  # a TLS handshake that completed after the session gave up on it: nothing left to serve
             transport.close()
             return
-        # what aiosmtpd's `_writer` writes to from now on (the TLS transport after STARTTLS): `_write`'s
+        # what aiosmtpd's `_writer` writes to from now on (the TLS transport after STARTTLS): every reply is
+        # written to it (`_write`, and the 421s of a timeout and of a stop); the writer is for drain and close
         self._out = transport  # type: ignore[assignment]  # (a stream transport; not typing.cast: a call)
         if self.transport is None:  # the connection
             self._sessions.add(self)
@@ -391,7 +393,7 @@ class ProtocolCore(SMTP):
             self.transcript.reason = "timeout"
         self.record.timed_out()
         if self._may_reply() and self.transport is not None and not self.transport.is_closing():
-            self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
+            self._out.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
         super()._timeout_cb()
         # asyncio's close() keeps the connection until what is buffered for the client is written: a client that
         # never reads its replies kept it, and its session, waiting to write, for good. The timer fires here only
@@ -480,7 +482,7 @@ class ProtocolCore(SMTP):
         if not self._may_reply():
             self.hang_up()
             return
-        self._writer.write(self._reply_bytes(status.shutting_down(self.hostname), False))  # (a footer too)
+        self._out.write(self._reply_bytes(status.shutting_down(self.hostname), False))  # (a footer too)
         self.hang_up()
 
     @property
