@@ -21,8 +21,9 @@ Failure behaviour:
   since; once accepting works again, that is logged too.
 - a connection aborted before it was accepted (ECONNABORTED, EPROTO...): skipped.
 - any other accept error: logged (same interval) and paused as above; the listener never stops for good.
-- a transport that cannot be set up (a TLS handshake that fails, a peer gone): that connection is closed, at
-  debug level; no other is affected.
+- a transport that cannot be set up (a TLS handshake that fails, a peer gone: an OSError, on either path): that
+  connection is closed, at debug level; no other is affected. A protocol factory that raises anything else: the
+  same, logged as an error with its traceback.
 - `listen()` raises OSError naming the address when it cannot be bound.
 """
 from __future__ import annotations
@@ -152,19 +153,24 @@ class Listening(asyncio.AbstractServer):
         its task: the protocol's connection_made and the socket's reading are on the loop's next turn either way)."""
         try:
             make_transport(conn, self._factory())
-        except Exception:  # (the protocol factory's fault: this connection only)
-            self._log.exception("%s: cannot begin a session", self.where)
-            conn.close()
+        except Exception as e:
+            self._not_begun(conn, e)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
-        except OSError as e:  # (a TLS handshake that failed or took too long too)
-            self._log.debug("%s: connection closed before its session began: %s", self.where, e)
-            conn.close()
-        except Exception:  # (the protocol factory's fault: this connection only)
-            self._log.exception("%s: cannot begin a session", self.where)
-            conn.close()
+        except Exception as e:
+            self._not_begun(conn, e)
+
+    def _not_begun(self, conn: socket.socket, error: Exception) -> None:
+        """A connection whose session could not begin is closed, and no other is affected. An OSError is the
+        peer's (gone already, a TLS handshake that failed or took too long): debug level; anything else is the
+        protocol factory's fault: logged with its traceback."""
+        if isinstance(error, OSError):
+            self._log.debug("%s: connection closed before its session began: %s", self.where, error)
+        else:
+            self._log.error("%s: cannot begin a session", self.where, exc_info=error)
+        conn.close()
 
     def _paused(self, sock: socket.socket, error: OSError) -> None:
         """Stop watching `sock` for a pause (doubling while failures go on), then watch it again."""

@@ -2,7 +2,8 @@
 
 Covered: a connection reaches its protocol; out of descriptors (EMFILE injected into a real listening socket's
 accept) the socket is left alone for a pause that doubles while it lasts, with one warning, and once a connection
-is accepted again, one line saying so; a protocol factory that raises costs that connection only; a plaintext
+is accepted again, one line saying so; a protocol factory that raises costs that connection only, and a plaintext
+transport that cannot be made (a peer gone) that connection only, at debug level; a plaintext
 connection gets its transport in the accept callback itself (no task per connection: two turns of the loop fewer),
 and a loop without the selector loop's private way to make one still serves it (through a task); wait_closed()
 returns once every connection accepted has reached its protocol, one accepted in the turn it is called too.
@@ -169,3 +170,35 @@ async def test_wait_closed_returns_once_a_connection_accepted_in_its_turn_has_re
         assert await asyncio.wait_for(stopping, 5) == 1
     finally:
         client.close()
+
+
+async def test_a_plaintext_transport_that_cannot_be_made_closes_that_connection_at_debug_level(caplog):
+    """A peer gone before its transport is made (an OSError from the selector loop's transport maker) is the
+    public path's "connection closed before its session began", at debug level: not the factory's fault, with a
+    traceback. The next connection is served."""
+    caplog.set_level(logging.DEBUG, logger="test")
+    made: list = []
+    server = await listen(lambda: Recorded(made), "127.0.0.1", 0, logger=logging.getLogger("test"))
+    make_transport = server._make_transport
+    failures = [OSError(errno.ENOTCONN, "Transport endpoint is not connected")]
+
+    def failing_once(conn, protocol):
+        if failures:
+            raise failures.pop()
+        return make_transport(conn, protocol)
+
+    server._make_transport = failing_once
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        reader, writer = await asyncio.open_connection(*address)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not left open
+        writer.close()
+        _, writer = await asyncio.open_connection(*address)
+        await eventually(lambda: made, timeout=5)
+        writer.close()
+    finally:
+        server.close()
+    [record] = [r for r in caplog.records if "session" in r.getMessage()]
+    assert (record.levelno, record.exc_info) == (logging.DEBUG, None)
+    assert record.getMessage().endswith("connection closed before its session began: "
+                                        "[Errno 107] Transport endpoint is not connected")
