@@ -254,7 +254,7 @@ class ProtocolCore(SMTP):
         # may wait on I/O: sqlite:, unix:)
         self.command_filter_run: Callable[..., Awaitable] | None = None
         self._greeted_at = 0.0
-        self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
+        self._data_started = 0.0  # loop time the last DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
         self._deadline = 0.0  # loop time the session times out, unless moved again before
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
@@ -646,8 +646,6 @@ class ProtocolCore(SMTP):
         """Bytes arrived during DATA/BDAT content (the wire tells it only then: `_content_begins`): the deadline
         moves with the data rate (smtpd_min_data_rate): never later than `timeout` after this input, nor than
         `timeout` plus what min_data_rate allows."""
-        if self._data_started is None:
-            return
         self._data_bytes += count
         now = self.loop.time()
         allowed = self._command_timeout + self._data_bytes / self._limits.min_data_rate  # (at least 1: config)
@@ -661,7 +659,6 @@ class ProtocolCore(SMTP):
         self._reset_timeout()
 
     def _content_ends(self) -> None:
-        self._data_started = None
         self._wire.progress = None  # (commands' input: no call for it)
         self._reset_timeout()
 
