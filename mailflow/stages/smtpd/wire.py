@@ -295,7 +295,11 @@ class Wire:
 
     async def _fill(self, have: int | None = None) -> None:
         """Wait until more than what the buffer holds now has arrived (`have`: its length, when the caller has just
-        measured it: the buffer cannot grow before this waits, input comes in a turn of the loop of its own)."""
+        measured it: the buffer cannot grow before this waits, input comes in a turn of the loop of its own). That
+        holds as long as `reading(True)` (the transport's resume_reading(), called here when reading was paused)
+        never feeds the wire before it returns: asyncio's socket and TLS transports only watch the socket again,
+        or schedule their read, for a later turn. A transport that delivered input from within resume_reading()
+        would have it counted in `have` too late, and this would wait past input already here."""
         if have is None:
             have = len(self._buf)
         if self._paused:
