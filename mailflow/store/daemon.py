@@ -30,8 +30,10 @@ Contract
   after the claim, RECIPIENT_SLICE rows a reader hop, each slice made into Recipients as it comes: what a scan
   holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
   the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
-  rows, and the attempt finds the message gone; a read that fails gives the scan's claimed rows back as they were
-  (each to its queue, due when it was) before the error is raised; when that write fails too, the next take's
+  rows, and the attempt finds the message gone; a message whose recipients SQLite finds malformed (`corruption`)
+  comes without them, damaged (qmgr sets it aside), and the others go; a read that fails otherwise gives the scan's
+  claimed rows back as they were (each to its queue, due when it was) before the error is raised (a disk error,
+  the store locked: the next scan tries them again); when that write fails too, the next take's
   transaction gives them back first (they would stay active, held by nobody, until the next start).
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
@@ -80,7 +82,7 @@ from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, Qu
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
 from mailflow.store.damage import QUEUES, Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
-                                   Reader, Writer, chunks, fetch_leniently, fetch_rows, marks, remove_ops)
+                                   Reader, Writer, chunks, corruption, fetch_leniently, fetch_rows, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
 from mailflow.store.requeue import OWES_NOTICES, RequeueQueries
 
@@ -176,7 +178,8 @@ class Store(OperatorQueries, RequeueQueries):
     async def take(self, now: float, limit: int) -> list[QueuedMessage]:
         """qmgr's scan: what `due(now, limit)` returns, claimed (active) in the same transaction. The content
         read with it is handed out by `content()` as due()'s. When the messages cannot be made of the rows claimed
-        (the read of a big one's recipients failed), the rows are given back as they were, each to the queue it
+        (the read of a big one's recipients failed; but one SQLite finds corrupt is handed out damaged instead:
+        `_recipients_or_damage`), the rows are given back as they were, each to the queue it
         came from, before the error is raised: nobody would hold them active until the next start. When that
         write fails too, the next take's transaction gives them back before its scan."""
         unreturned, self._unreturned = self._unreturned, []
@@ -313,8 +316,22 @@ class Store(OperatorQueries, RequeueQueries):
         self._scanned = scanned
         for at, row in enumerate(rows):
             if row[_RECIPIENTS_AT] is None:  # (more than RECIPIENTS_IN_SCAN: not in the row)
-                messages[at] = await self._with_recipients(messages[at])
+                messages[at] = await self._recipients_or_damage(messages[at])
         return messages
+
+    async def _recipients_or_damage(self, message: QueuedMessage) -> QueuedMessage:
+        """`_with_recipients`, or the message without them, damaged, when SQLite says their pages are malformed
+        (`corruption`): qmgr sets it aside to the corrupt queue (Postfix's qmgr_active_corrupt of a queue file it
+        cannot read) and delivers the others; raised, the error would give back the whole scan, and the next one
+        would take the same message first and fail again, handing out nothing ever. Any other error is raised."""
+        try:
+            return await self._with_recipients(message)
+        except sqlite3.DatabaseError as e:
+            if not corruption(e):
+                raise
+            unreadable = f"its recipients cannot be read: {e}"
+            return replaced(message, recipients=(), owed=(),
+                            damage=f"{message.damage}; {unreadable}" if message.damage else unreadable)
 
     async def _with_recipients(self, message: QueuedMessage) -> QueuedMessage:
         """`message` (a DUE row of more than RECIPIENTS_IN_SCAN recipients) with its recipients, read

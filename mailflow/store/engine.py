@@ -51,7 +51,8 @@ Failure behaviour
   transaction that is rolled back whole on error (`rollback` never hides the first error behind "cannot
   rollback"). `store_fault(error)` tells a fault of the whole store (locked, disk full, I/O) from a bad
   request: a batch failing for a store fault fails every request in it at once; one failing for another
-  reason is retried request by request, so one bad request does not fail its neighbours.
+  reason is retried request by request, so one bad request does not fail its neighbours. `corruption(error)`:
+  SQLite found the pages read malformed (a store fault, but a read may meet it in one message's rows alone).
 """
 from __future__ import annotations
 
@@ -92,6 +93,14 @@ def store_fault(error: BaseException) -> bool:
     """True for a fault of the whole store (busy or locked, disk full, I/O error, read-only, cannot open) rather
     than of one request (a constraint, a bad statement): retrying anything before it clears is useless."""
     return isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError
+
+
+def corruption(error: BaseException) -> bool:
+    """True for SQLite's word that the pages a statement read are malformed (SQLITE_CORRUPT, "database disk image
+    is malformed"): a `store_fault` to a write, but a read of one message's rows may meet it while the rest of the
+    store reads well, and reading them again meets it again."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF == sqlite3.SQLITE_CORRUPT
 
 
 class ContentVanished(Exception):

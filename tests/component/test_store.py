@@ -1235,6 +1235,38 @@ def failing_recipient_reads(store: Store, monkeypatch) -> None:
     monkeypatch.setattr(store._reader, "fetchall", failing)
 
 
+async def test_a_message_whose_recipients_are_corrupt_is_handed_out_damaged_and_the_others_go(store, monkeypatch):
+    """SQLite finds the pages of one big message's recipients malformed: that message is handed out damaged (qmgr
+    moves it to the corrupt queue) and the scan's other messages are handed out, not given back with it; the scan
+    after does not take it again. (Given back, it was the oldest: every scan took it first, failed, and handed out
+    nothing.)"""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert_many([new("BIG", *(f"user{i:02d}@example.test" for i in range(20))),
+                             *(new(f"S{i}", "a@example.test", arrival=T0 + 1 + i) for i in range(5))])
+    read = store._reader.fetchall
+
+    async def corrupt_big(sql, params=()):
+        if sql == daemon._FIRST_RECIPIENTS and params[0] == "BIG":
+            raise corrupt_pages()
+        return await read(sql, params)
+
+    monkeypatch.setattr(store._reader, "fetchall", corrupt_big)
+    taken = {m.queue_id: m for m in await store.take(T0 + 10, 100)}
+    assert sorted(taken) == ["BIG", "S0", "S1", "S2", "S3", "S4"]
+    assert taken["BIG"].damage == "its recipients cannot be read: database disk image is malformed"
+    assert taken["BIG"].recipients == ()
+    assert [m.damage for qid, m in taken.items() if qid != "BIG"] == [""] * 5
+    assert await store.counts() == {"active": 6}
+    assert await store.take(T0 + 11, 100) == []
+
+
+def corrupt_pages() -> sqlite3.DatabaseError:
+    """The error Python's sqlite3 raises for SQLITE_CORRUPT."""
+    error = sqlite3.DatabaseError("database disk image is malformed")
+    error.sqlite_errorcode, error.sqlite_errorname = sqlite3.SQLITE_CORRUPT, "SQLITE_CORRUPT"
+    return error
+
+
 async def requeued_owing_a_notice(store: Store, qid: str) -> QueuedMessage:
     """`qid` taken, a bounce recorded with its notice owed, requeued while active: marked, as a stop leaves it."""
     [msg] = await store.take(T0, 1)
