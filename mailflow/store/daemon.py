@@ -29,8 +29,10 @@ Contract
   thread, outside the transaction. A message of more than RECIPIENTS_IN_SCAN recipients has them read apart,
   after the claim, RECIPIENT_SLICE rows a reader hop, each slice made into Recipients as it comes: what a scan
   holds beyond the messages it returns is a slice, not a second copy of a million recipients (their JSON text was
-  the server's peak of memory). Taken, the message is qmgr's alone: an operator's delete meanwhile leaves fewer
-  rows, and the attempt finds the message gone; a message whose recipients SQLite finds malformed (`corruption`)
+  the server's peak of memory). Nothing stops the rows changing between the claim and those reads: an
+  operator's delete leaves fewer of them (the attempt then finds the message gone), and the attempt of a message
+  qmgr still has in hand (held and released meanwhile, so claimed again) may record results (qmgr admits no such
+  copy); a message whose recipients SQLite finds malformed (`corruption`)
   comes without them, damaged (qmgr sets it aside), and the others go; a read that fails otherwise gives the scan's
   claimed rows back as they were (each to its queue, due when it was) before the error is raised (a disk error,
   the store locked: the next scan tries them again); when that write fails too, the next take's
