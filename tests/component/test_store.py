@@ -1334,6 +1334,38 @@ async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next
     assert await store.take(T0 + 1, 10) == []  # (given back once: nothing is given back again)
 
 
+async def test_rows_still_to_give_back_outlast_a_next_take_that_fails_too(store, monkeypatch):
+    """The give-back of a failed take fails, and so does the whole transaction of the next take (the store locked),
+    which was to give them back first: they are still to give back, and the take after that gives them back and
+    takes them (dropped, they would stay active, held by nobody, until the next start)."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert_many([new("BIG", *(f"user{i:02d}@example.test" for i in range(20))),
+                             new("SMALL", "a@example.test", arrival=T0 + 1)])
+    read, write = store._reader.fetchall, store._committer.write
+
+    async def failing_give_back(ops, **kw):
+        if ops and ops[0][0] == daemon._GIVE_BACK:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await write(ops, **kw)
+
+    async def locked(ops, **kw):
+        raise sqlite3.OperationalError("database is locked")
+
+    failing_recipient_reads(store, monkeypatch)
+    monkeypatch.setattr(store._committer, "write", failing_give_back)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        await store.take(T0 + 1, 10)
+    monkeypatch.setattr(store._reader, "fetchall", read)
+    monkeypatch.setattr(store._committer, "write", locked)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        await store.take(T0 + 1, 10)
+    assert await store.counts() == {"active": 2}
+    monkeypatch.setattr(store._committer, "write", write)
+    taken = await store.take(T0 + 1, 10)
+    assert sorted(m.queue_id for m in taken) == ["BIG", "SMALL"]
+    assert await store.counts() == {"active": 2}
+
+
 async def test_recipients_of_one_original_in_a_row_share_its_str(store, monkeypatch):
     """The members of an expanded list, in a row, share one str for their original, whether their rows came as the
     scan's JSON or in slices after it (a dict of every distinct original grew with them)."""
