@@ -35,7 +35,7 @@ Contract
   copy); a message whose recipients SQLite finds malformed (`corruption`)
   comes without them, damaged (qmgr sets it aside), and the others go; a read that fails otherwise gives the scan's
   claimed rows back as they were (each to its queue, due when it was) before the error is raised (a disk error,
-  the store locked: the next scan tries them again); when that write fails too, the next take's
+  the store locked: the next scan tries them again); when that write fails too, the next take's (or claim's)
   transaction gives them back first (they would stay active, held by nobody, until the next start).
 - `content(id)` returns the Content (its file part read lazily) or None when the row or its file is missing, or
   the file is not as long as the message's size says (damaged: qmgr moves it to corrupt);
@@ -172,8 +172,11 @@ class Store(OperatorQueries, RequeueQueries):
 
     async def claim(self, ids: Sequence[QueueId], now: float) -> list[QueueId]:
         """Take messages for delivery: each of `ids` still incoming, or deferred and due at `now`, becomes active,
-        atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read)."""
-        taken = await self._committer.write([], call=lambda con: _claim(con, list(ids), now))
+        atomically. Returns the ids taken (an operator's hold or delete, or another taker, wins over a stale read).
+        The rows a failed take could not give back are given back first, in the same transaction, as take() does:
+        a give-back that reported an error but had committed would otherwise be written again by the next take,
+        over this claim (the message handed out twice)."""
+        taken = await self._after_give_backs(lambda con: _claim(con, list(ids), now))
         self._scanned = {qid: self._scanned[qid] for qid in taken if qid in self._scanned}
         return taken
 
@@ -184,17 +187,21 @@ class Store(OperatorQueries, RequeueQueries):
         `_recipients_or_damage`), the rows are given back as they were, each to the queue it
         came from, before the error is raised: nobody would hold them active until the next start. When that
         write fails too, the next take's transaction gives them back before its scan."""
-        unreturned, self._unreturned = self._unreturned, []
-        try:
-            rows = await self._committer.write([(_GIVE_BACK, unreturned)] if unreturned else [],
-                                               call=lambda con: _take(con, self._due_params(now, limit), limit, now))
-        except BaseException:
-            self._unreturned = unreturned + self._unreturned
-            raise
+        rows = await self._after_give_backs(lambda con: _take(con, self._due_params(now, limit), limit, now))
         try:
             return await self._scan_result(rows)
         except Exception:
             await self._give_back_scanned([_as_scanned(row) for row in rows])
+            raise
+
+    async def _after_give_backs(self, call: Callable[[sqlite3.Connection], list]) -> list:
+        """`call`'s result, run in a writer transaction that first gives back the rows a failed take could not
+        (`_unreturned`); they are kept for the next one when the transaction fails."""
+        unreturned, self._unreturned = self._unreturned, []
+        try:
+            return await self._committer.write([(_GIVE_BACK, unreturned)] if unreturned else [], call=call)
+        except BaseException:
+            self._unreturned = unreturned + self._unreturned
             raise
 
     async def _give_back_scanned(self, rows: list[tuple]) -> None:

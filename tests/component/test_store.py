@@ -1366,6 +1366,32 @@ async def test_rows_still_to_give_back_outlast_a_next_take_that_fails_too(store,
     assert await store.counts() == {"active": 2}
 
 
+async def test_a_give_back_that_committed_but_failed_does_not_undo_a_later_claim(store, monkeypatch):
+    """The give-back of a failed take commits but reports an error (an fsync after the commit): its rows are kept
+    to give back again. A claim() of the message then gives them back first, in its own transaction: the next
+    take does not give the claimed message back under its taker and hand it out a second time."""
+    monkeypatch.setattr(daemon, "RECIPIENTS_IN_SCAN", 10)
+    await store.insert(new("BIG", *(f"user{i:02d}@example.test" for i in range(20))))
+    read, write = store._reader.fetchall, store._committer.write
+
+    async def committed_then_failed(ops, **kw):
+        done = await write(ops, **kw)
+        if ops and ops[0][0] == daemon._GIVE_BACK:
+            raise OSError("fsync failed after the commit")
+        return done
+
+    failing_recipient_reads(store, monkeypatch)
+    monkeypatch.setattr(store._committer, "write", committed_then_failed)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.take(T0 + 1, 10)
+    monkeypatch.setattr(store._reader, "fetchall", read)
+    monkeypatch.setattr(store._committer, "write", write)
+    assert await store.counts() == {"incoming": 1}
+    assert await store.claim(["BIG"], T0 + 2) == ["BIG"]
+    assert await store.take(T0 + 3, 10) == []
+    assert await store.counts() == {"active": 1}
+
+
 async def test_recipients_of_one_original_in_a_row_share_its_str(store, monkeypatch):
     """The members of an expanded list, in a row, share one str for their original, whether their rows came as the
     scan's JSON or in slices after it (a dict of every distinct original grew with them)."""
