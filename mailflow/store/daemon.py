@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from functools import partial
 from pathlib import Path
@@ -88,6 +89,8 @@ from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, Ba
 from mailflow.store.operator import OperatorQueries
 from mailflow.store.requeue import OWES_NOTICES, RequeueQueries
 
+log = logging.getLogger("mailflow.store")
+
 
 class Store(OperatorQueries, RequeueQueries):
     """The queue database. Open with `await Store.open(path)`; close with `await store.close()`."""
@@ -98,7 +101,8 @@ class Store(OperatorQueries, RequeueQueries):
         self._committer = committer
         self._contents = BatchLoader(self._fetch_contents)
         self._scanned: dict[QueueId, Content] = {}  # small contents read by due(), for the ids claim() then took
-        self._unreturned: list[tuple] = []  # _GIVE_BACK's rows a failed take could not write: the next take's
+        # _GIVE_BACK's rows a failed take could not write: the next take's (or claim's) transaction writes them first
+        self._unreturned: list[tuple] = []
         self.content_dir = content_dir
 
     @classmethod
@@ -186,7 +190,8 @@ class Store(OperatorQueries, RequeueQueries):
         (the read of a big one's recipients failed; but one SQLite finds corrupt is handed out damaged instead:
         `_recipients_or_damage`), the rows are given back as they were, each to the queue it
         came from, before the error is raised: nobody would hold them active until the next start. When that
-        write fails too, the next take's transaction gives them back before its scan."""
+        write fails too, the next take's transaction gives them back before its scan: only when qmgr calls take(),
+        which it does not while it has no room (they stay active until then)."""
         rows = await self._after_give_backs(lambda con: _take(con, self._due_params(now, limit), limit, now))
         try:
             return await self._scan_result(rows)
@@ -209,7 +214,8 @@ class Store(OperatorQueries, RequeueQueries):
         made them given back is the one raised)."""
         try:
             await self._committer.write([(_GIVE_BACK, rows)])
-        except Exception:
+        except Exception as e:
+            log.error("store: giving back %d claimed messages failed: %s; the next scan gives them back", len(rows), e)
             self._unreturned += rows
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:

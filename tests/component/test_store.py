@@ -1306,7 +1306,7 @@ async def test_a_message_given_back_owing_notices_stays_marked_in_incoming(store
     assert await queue_requeue_owed(store, "Q1") == ("incoming", 1, 1)
 
 
-async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next_take(store, monkeypatch):
+async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next_take(store, monkeypatch, caplog):
     """The read of a big message's recipients fails, and so does the write giving the claimed rows back (a disk
     full): the rows are not left active with nobody holding them until the next start; the next take's transaction
     gives them back before its scan, which takes them."""
@@ -1325,6 +1325,9 @@ async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
         await store.take(T0 + 1, 10)
     assert await store.counts() == {"active": 2}
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "mailflow.store"] == [
+        ("ERROR", "store: giving back 2 claimed messages failed: database or disk is full; the next scan gives them"
+                  " back")]
     monkeypatch.setattr(store._reader, "fetchall", read)
     monkeypatch.setattr(store._committer, "write", write)
     taken = await store.take(T0 + 1, 10)
