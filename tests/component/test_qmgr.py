@@ -326,6 +326,36 @@ async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_
     assert await h.counts() == {"corrupt": 1} and len(h.smtp.requests) == 2
 
 
+async def test_a_message_whose_recipients_are_corrupt_goes_to_corrupt_and_the_others_are_delivered(h, caplog,
+                                                                                               monkeypatch):
+    """SQLite finds the pages of a big message's recipients malformed (read after the claim): the message is moved
+    to the corrupt queue and the others are delivered. (The whole scan was given back and the next one took the
+    same oldest message first: nothing was delivered again.)"""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    monkeypatch.setattr(store_daemon, "RECIPIENTS_IN_SCAN", 3)
+    await h.open_store()
+    bad = await h.queue(*(f"u{i}@remote.test" for i in range(5)), wake=False)
+    others = [await h.queue(f"s{i}@remote.test", wake=False) for i in range(3)]
+    read = h.store._reader.fetchall
+
+    async def corrupt_bad(sql, params=()):
+        if sql == store_daemon._FIRST_RECIPIENTS and params[0] == bad:
+            error = sqlite3.DatabaseError("database disk image is malformed")
+            error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # (as Python's sqlite3 raises SQLITE_CORRUPT)
+            raise error
+        return await read(sql, params)
+
+    monkeypatch.setattr(h.store._reader, "fetchall", corrupt_bad)
+    await h.start()
+    await eventually(lambda: _is(h, {"corrupt": 1}))
+    await warned_of(bad, caplog)
+    await eventually(lambda: len(h.smtp.requests) == 3, what="the other messages delivered")
+    assert sorted(req.queue_id for req in h.smtp.requests) == others
+    said_of_it = [(r.levelname, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
+    assert said_of_it == [("WARNING", f"{bad}: moved to the corrupt queue: damaged queue row: its recipients cannot"
+                                      " be read: database disk image is malformed")], said_of_it
+
+
 @pytest.mark.parametrize("next_attempt, said", [("'y'", "'y'"), ("x'00'", "b'\\x00'")], ids=["text", "blob"])
 async def test_a_deferred_message_whose_next_attempt_is_no_time_goes_to_corrupt(h, caplog, next_attempt, said):
     """SQLite sorts text and BLOBs above every number, so a deferred message whose next_attempt was set to one by
