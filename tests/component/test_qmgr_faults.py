@@ -399,6 +399,34 @@ async def test_results_that_waited_behind_a_record_are_recorded_by_a_stop_that_c
     assert sent_to(s.local) == ["u3@example.test"]
 
 
+class SaysTwiceThenHangs(RecordingTransport):
+    """Says each recipient sent as final (`DeliveryRequest.settled`) and hands on the same results to come
+    (`settled_late`), then never reports: a delivery a stop cuts off."""
+
+    async def deliver(self, request):
+        self.record(request)
+        results = [RcptResult(r, Outcome.SENT, "2.0.0", "delivered", relay="local") for r in request.recipients]
+        request.settled(results)
+
+        async def late():
+            return results
+        request.settled_late(late)
+        await asyncio.Event().wait()
+
+
+async def test_a_recipient_said_final_early_and_late_by_a_job_a_stop_cuts_off_is_recorded_once(s):
+    """A job cut off by a stop has its early word (`settled`) and its late one (`settled_late`) each recorded
+    within the stop's grace; a recipient in both was recorded, and logged sent, twice (each took a copy of the
+    indexes recorded)."""
+    s.local = SaysTwiceThenHangs("local")
+    await s.start()
+    await s.queue("Q1", "a@example.test")
+    await eventually(lambda: s.local.requests)
+    await s.stop(grace=0.3)
+    assert len(s.logged("Q1: to=<a@example.test>", "status=sent")) == 1
+    assert [row[:2] for row in await s.store.recipients("Q1")] == [("a@example.test", "sent")]
+
+
 @pytest.mark.parametrize("flags, records", [("", 0), ("D", 1)])
 async def test_a_pipe_run_for_all_recipients_at_once_has_them_recorded_with_the_job_end(s, flags, records):
     """A pipe service without D or O runs its command once for the job: its results come all at once and go with

@@ -1375,7 +1375,7 @@ class QueueManager:
         those of a job under way (recorded within the stop's RECORD_GRACE); the job is not done, so its message
         stays active and its other recipients pending, taken again after the next start."""
         stats = active.stats._replace(handoff=handoff, done=self._clock.time())
-        results = _first_of_each(job, {r.index: r for r in job.recipients}, settled, stats, set(recorded))
+        results = _first_of_each(job, {r.index: r for r in job.recipients}, settled, stats, recorded)
         if results:
             self._results_in(active, results)
 
