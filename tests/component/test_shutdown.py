@@ -317,6 +317,83 @@ async def test_a_stop_records_what_an_lmtp_peer_took_before_the_cut_so_a_restart
         await server.wait_closed()
 
 
+class LmtpHoldingBob(LmtpSlowAfterTheFirst):
+    """An LMTP peer that saves a message at once but one for bob@local.test, whose reply it holds until `answer_all`
+    is set (and which it does not save when the client left meanwhile); `deliveries`: the RCPT addresses of each
+    message it saved."""
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        rcpts: list[bytes] = []
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"LHLO":
+                writer.write(b"250-lmtp.test\r\n250 8BITMIME\r\n")
+            elif verb in (b"MAIL", b"RSET"):
+                rcpts = []
+                writer.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line.split(b":", 1)[1].strip())
+                writer.write(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while (await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                if b"<bob@local.test>" in rcpts:
+                    await self.answer_all.wait()
+                    if reader.at_eof():  # (the client gone meanwhile: nothing saved)
+                        break
+                self.deliveries.append(rcpts)
+                writer.write(b"250 2.0.0 Saved\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_stop_while_an_alias_s_second_pass_is_under_way_leaves_the_alias_queued_for_both(tmp_path,
+                                                                                                 monkeypatch):
+    """`alice: \\alice, bob` with mailboxes passed to LMTP (local.mailbox_transport, as for Dovecot): the peer saved
+    alice's copy and holds bob's reply when a stop cuts the walk off. The LMTP client said alice's copy was final,
+    about the address passed, alice's own: qmgr recorded the recipient alice sent, and bob's copy was never
+    delivered, after the restart neither. The pass is one of two destinations: its word is not the recipient's
+    (local(8) passes it with offset -1), alice stays queued and the restart delivers both copies."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    peer = LmtpHoldingBob()
+    server = await asyncio.start_server(peer.session, "127.0.0.1", 0)
+    hop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    (tmp_path / "aliases").write_text("alice: \\alice, bob\n")
+    settings = base_settings(tmp_path)
+    config = config_from_dict({**settings, "myorigin": "local.test", "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "local": {**settings["local"], "mailbox_transport": f"lmtp:{hop}"}})
+    try:
+        mf = Mailflow(config, shutdown_grace=0.3)
+        await mf.start()
+        try:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+            await eventually(lambda: peer.deliveries, what="the peer saved alice's copy")
+            await asyncio.sleep(0.2)  # (bob's copy under way: its reply held)
+        finally:
+            await asyncio.wait_for(mf.stop(), 5)
+        assert peer.deliveries == [[b"<alice@local.test>"]]
+        assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+
+        peer.answer_all.set()
+        mf = Mailflow(config, shutdown_grace=0.3)
+        await mf.start()
+        try:
+            await queue_becomes(mf.store, {})
+        finally:
+            await mf.stop()
+        assert sorted(map(tuple, peer.deliveries)) == [(b"<alice@local.test>",), (b"<alice@local.test>",),
+                                                       (b"<bob@local.test>",)]
+    finally:
+        peer.answer_all.set()
+        server.close()
+        await server.wait_closed()
+
+
 class HeldMaildirWrite:
     """A server whose virtual mailbox carol@virtual.test (`local`: local delivery's alice@local.test) gets its Maildir
     file from a worker thread that, once it began (`writing`), waits for `release` (20 s at most) before it writes;

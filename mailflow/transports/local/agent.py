@@ -104,7 +104,7 @@ import pwd
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, NamedTuple, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -480,10 +480,13 @@ class LocalTransport:
         nexthop local was given; its result, about the address it was given. A transport that is not there, fails
         or answers with no result defers 4.3.0, as deliver_pass says. The address of a recipient an alias or
         .forward expanded (`expansion`) goes with its NOTIFY without SUCCESS, as alias.c passes it on: the
-        expansion reports success. The results the transport hands on past a stop's cut-off (its write's:
-        DeliveryRequest.settled_late) are made the recipient's by `reported` (a pass that is the recipient's one
-        destination); without it they are not taken (the transport cuts its write off: the uncut around the
-        recipient's destinations hands theirs on)."""
+        expansion reports success. The results the transport says are final before its report
+        (DeliveryRequest.settled) or hands on past a stop's cut-off (its write's: DeliveryRequest.settled_late)
+        are made the recipient's by `reported` (a pass that is the recipient's one destination); without it they
+        are not taken (the transport cuts its write off: the uncut around the recipient's destinations hands theirs
+        on), as local(8) passes a recipient with offset -1 so that the agent never marks the original done: the
+        address passed may be the recipient's own (`alice: \\alice, bob`), and qmgr would record the recipient
+        delivered with its other destinations still to come."""
         log.info("%s: passing <%s> to transport=%s", request.queue_id, leaf.address, leaf.transport)
         given = replace(rcpt, address=leaf.address, notify=without_success(rcpt.notify) if expansion else rcpt.notify)
         peer = self._peers.get(leaf.transport)
@@ -491,6 +494,7 @@ class LocalTransport:
             return self._result(given, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
         try:
             report = await peer.deliver(replace(request, recipients=(given,), nexthop=leaf.nexthop or request.nexthop,
+                                                on_settled=_passed_settled(request, reported, peer.program),
                                                 on_late=_passed_late(request, reported, peer.program)))
         except Exception:
             log.exception("%s: transport %s failed for <%s>", request.queue_id, leaf.transport, leaf.address)
@@ -585,6 +589,20 @@ def _passed_late(request: DeliveryRequest, reported: Callable[[RcptResult], Rcpt
             return [reported(replace(result, program=program)) for result in await late()]
         on_late(results)
     return passed_late
+
+
+def _passed_settled(request: DeliveryRequest, reported: Callable[[RcptResult], RcptResult] | None,
+                    program: str) -> Callable[[Iterable[RcptResult]], None] | None:
+    """The `on_settled` of a request passed to another transport (`_pass`): the results it says are final, each
+    with the passing transport's `program` and made the recipient's by `reported`, told to `request`; None
+    without `reported` (one of the recipient's destinations: its result is not the recipient's) or one to tell."""
+    if reported is None or request.on_settled is None:
+        return None
+    on_settled = request.on_settled
+
+    def passed_settled(results: Iterable[RcptResult]) -> None:
+        on_settled([reported(replace(result, program=program)) for result in results])
+    return passed_settled
 
 
 class _Walk:
