@@ -227,3 +227,32 @@ async def test_work_taken_late_by_a_taker_that_never_waits_leaves_no_error_unret
         release.set()
         loop.set_exception_handler(None)
     assert unretrieved == []
+
+
+async def test_work_taken_late_that_fails_hands_on_no_results(monkeypatch):
+    """A write left running past the limit, then failing: its taker gets no results (the recipient stays queued and
+    the retry tells the failure), not the write's error raised in the stop's task of records."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.1)
+    release = threading.Event()
+    taken: list = []
+
+    def failing_write() -> str:
+        release.wait(10)
+        raise OSError(5, "Input/output error")
+
+    async def agent() -> str:
+        late = settling_late(lambda results: taken.append(results) or True, lambda written: [f"sent: {written}"])
+        return await uncut(asyncio.to_thread(failing_write), "Q1: the write of new/1", late=late)
+
+    task = asyncio.create_task(agent())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        [results] = taken
+        waiting = asyncio.create_task(results())
+        release.set()
+        assert await asyncio.wait_for(waiting, 2) == []
+    finally:
+        release.set()
