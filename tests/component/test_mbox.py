@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailflow import uncut as uncut_module
 from mailflow.config import Config, LocalConfig, config_from_dict
 from mailflow.errors import ConfigError, PermanentError, TemporaryError
 from mailflow.transports.local import mbox
@@ -592,3 +593,27 @@ async def test_a_fifo_or_a_device_is_refused_in_postfixs_words(tmp_path):
     with pytest.raises(PermanentError) as e:
         await append_mbox(device, b"From x  y\n\n")
     assert (e.value.dsn, e.value.text) == ("5.2.0", f"destination {device} is not a regular file")
+
+
+async def test_an_attempt_past_a_stop_s_limit_that_finds_the_lock_busy_hands_on_no_result(tmp_path, monkeypatch):
+    """An append's attempt still running past UNCUT_LIMIT at a stop is left to end, its recipient's result handed
+    on (`settle_late`) for when it appended; one that found the lock busy appended nothing: no result (the recipient
+    stays queued), not the recipient recorded delivered with nothing written."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.1)
+
+    def slow_and_busy(*args):
+        time.sleep(0.4)
+        return "dotlock"  # (the lock style found busy)
+    monkeypatch.setattr(mbox, "_append_once", slow_and_busy)
+    taken: list = []
+    path = tmp_path / "Mailbox"
+    task = asyncio.create_task(append_mbox(path, b"From x\nSubject: s\n\nb\n", queue_id="Q1",
+                                           settle_late=lambda results: taken.append(results) or True,
+                                           late_results=lambda: ["sent"]))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    [results] = taken
+    assert await asyncio.wait_for(results(), 2) == []
+    assert not path.exists()
