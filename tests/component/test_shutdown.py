@@ -748,6 +748,48 @@ async def test_an_alias_s_write_cut_off_is_handed_on_only_when_it_is_the_last_de
     assert [len(maildir_messages(mailbox)) for mailbox in mailboxes] == ([1, 1] if last else [2, 1])
 
 
+async def test_a_mailbox_write_cut_off_with_a_forward_to_follow_cuts_the_delivery_there(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """`team: bob@remote.test, alice`: the forward is sent after every other destination, so alice's Maildir write,
+    held past UNCUT_LIMIT at a stop, is not team's last though it is the last place read. The cut-off says team
+    stays queued and no forward is queued after it (handed on as the last, the forward was made after the stop's
+    cut-off and team recorded sent)."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    caplog.set_level(logging.INFO)
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+
+    def held_write(path, *args, **kwargs):
+        writing.set()
+        release.wait(10)
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", held_write)
+    (tmp_path / "aliases").write_text("team: bob@remote.test, alice\n")
+    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "myorigin": "local.test"})
+    mf = Mailflow(config, shutdown_grace=0.5)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="alice's write began")
+        asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
+            release.set() or True), what="the cut-off"))
+    finally:
+        try:
+            await asyncio.wait_for(mf.stop(), 10)
+        finally:
+            release.set()
+    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    assert len(cut) == 1 and "cut off, the recipient stays queued" in cut[0], cut
+    await eventually(lambda: len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 1,
+                     what="alice's write ended")
+    await asyncio.sleep(0.1)
+    assert not [r.getMessage() for r in caplog.records if "forward" in r.getMessage().lower()
+                or "to=<team@local.test>" in r.getMessage()]
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+
+
 async def test_a_stop_keeps_the_status_of_a_command_whose_output_ended_so_a_restart_runs_it_once(tmp_path):
     """A pipe service's command has read the message and closed its output; it exits a moment later. The stop's
     cancel came in that moment: the command was killed and its status lost, and the restart ran it again (the
