@@ -3,7 +3,7 @@ thread writing a mailbox, a command that has exited). Cut there, the agent's cor
 mail is delivered all the same: qmgr records only the results it gets, so after a restart the recipient is
 delivered again (a stop cancels the deliveries still running at the end of its grace).
 
-    await uncut(work, what, late=None) -> T
+    await uncut(work, what, late=None, within=None) -> T
                               `work`'s result (or what it raised); a cancel that comes meanwhile waits for `work` to
                               end and is raised at the task's next wait after it (`postpone_cancel`), so that the
                               caller hands the result on first: returned or yielded with no await in between, it
@@ -16,7 +16,9 @@ delivered again (a stop cancels the deliveries still running at the end of its g
                               uncut within `work` (a recipient's destinations, one of its writes) goes through at
                               once then, unwarned: one cut-off, one warning. `late(running)`, called at the cut-off,
                               may take the work still running over instead (True: it is not cancelled here, and the
-                              warning says its result may still be recorded; `settling_late` makes one)
+                              warning says its result may still be recorded; `settling_late` makes one).
+                              `within` (a `Within`) counts the uncuts under way within `work` (its task's and those
+                              it awaits): whether, at the cut-off, `work` is in a write or between two (a lock wait)
     settling_late(settle_late, made) -> late
                               a `late` that hands qmgr the work's results to come: `settle_late(results)`
                               (DeliveryRequest.settled_late: False, no one takes them) given `results()`, which
@@ -39,6 +41,7 @@ the result it will make (`settling_late`), which qmgr records when it comes whil
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Awaitable, Callable, TypeVar
 
@@ -53,10 +56,39 @@ UNCUT_LIMIT = 3.0  # seconds a cancel waits for the work under way (a local writ
 _CUT_OFF = "cut off by the stop's uncut wait around it"  # (the cancel's message to the work cut off)
 
 
-async def uncut(work: Awaitable[T], what: str, late: Late | None = None) -> T:
+class Within:
+    """The uncuts under way within a work (uncut's `within`): `count`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_WITHIN: contextvars.ContextVar[Within | None] = contextvars.ContextVar("uncut_within", default=None)
+
+
+async def uncut(work: Awaitable[T], what: str, late: Late | None = None, within: Within | None = None) -> T:
     """See the module docstring."""
+    around = _WITHIN.get()  # (the count of an uncut this one is within)
+    if around is not None:
+        around.count += 1
+    try:
+        return await _uncut(_started(work, within), what, late)
+    finally:
+        if around is not None:
+            around.count -= 1
+
+
+def _started(work: Awaitable[T], within: Within | None) -> asyncio.Future[T]:
+    """`work` as a future; a coroutine run in a task whose uncuts count in `within`."""
+    if within is None or not asyncio.iscoroutine(work):
+        return asyncio.ensure_future(work)
+    context = contextvars.copy_context()
+    context.run(_WITHIN.set, within)
+    return asyncio.get_running_loop().create_task(work, context=context)
+
+
+async def _uncut(running: asyncio.Future[T], what: str, late: Late | None) -> T:
     limit = UNCUT_LIMIT  # (read at each call: a test sets it)
-    running = asyncio.ensure_future(work)
     loop = asyncio.get_running_loop()
     cut_off_at: float | None = None  # (when the work must have ended: set by the first cancel)
     while not running.done():

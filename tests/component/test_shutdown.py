@@ -863,6 +863,40 @@ async def test_a_stop_during_a_job_s_last_mbox_append_records_it_so_a_restart_de
             ] == [1, 1]
 
 
+async def test_an_alias_s_last_destination_in_a_lock_wait_at_the_cut_off_is_cut_off_not_handed_on(tmp_path,
+                                                                                                  monkeypatch, caplog):
+    """`team: bob, alice` (mbox files), alice's dotlock held by another program at the stop: the walk's last
+    destination waits between attempts, nothing written, at the cut-off. It was taken as a write under way: the
+    warning said team's result would be recorded, the lock wait went on through the records' window, and with the
+    lock freed meanwhile alice's append began after the stop's cut-off. It is cut off there: team stays queued."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    caplog.set_level(logging.INFO)
+    (tmp_path / "aliases").write_text("team: bob, alice\n")
+    settings = base_settings(tmp_path)
+    config = config_from_dict({**settings, "myorigin": "local.test", "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "local": {**settings["local"], "home_mailbox": "Mailbox"}})
+    mailboxes = {user: tmp_path / "mail" / user / "Mailbox" for user in ("alice", "bob")}
+    for mailbox in mailboxes.values():
+        mailbox.parent.mkdir(parents=True)
+    lock = mailboxes["alice"].with_name("Mailbox.lock")
+    lock.write_text("another program's\n")
+    mf = Mailflow(config, shutdown_grace=1.0)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(mailboxes["bob"].exists, what="bob's copy")
+        await asyncio.sleep(0.2)  # (alice's attempts meet the lock busy)
+        asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
+            lock.unlink() or True), what="the cut-off"))
+    finally:
+        await asyncio.wait_for(mf.stop(), 15)
+    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    assert len(cut) == 1 and "cut off, the recipient stays queued" in cut[0], cut
+    await asyncio.sleep(0.5)  # (past the next attempt, had the wait gone on)
+    assert not mailboxes["alice"].exists() or "Subject: once" not in mailboxes["alice"].read_text()
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+
+
 async def test_a_stop_cuts_a_mailbox_lock_wait_at_once_and_warns_of_no_write(tmp_path, caplog):
     """alice's mbox dotlock is held by another program at the stop: her delivery waits between attempts, no entry
     written. The stop's cancel held that wait as if a write were under way (UNCUT_LIMIT, then the records' window

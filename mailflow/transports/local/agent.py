@@ -87,13 +87,15 @@ Stop: a recipient expanded to several destinations is one result (the store has 
 stop's cancel between two of them would either leave it queued, its mailboxes written already written again by the
 retry, or finish it with the later ones never written. Neither: the cancel waits for the rest of its destinations
 (mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned. When the destination under way is
-the recipient's last, it is left to end, and when it ends while qmgr records the results back the recipient's result
-is handed on (DeliveryRequest.settled_late) and recorded; else (another may follow it) the delivery is cut off there,
-no destination after it started: the recipient stays queued, as the warning says (its parts done are then repeated by
-the retry, as local(8)'s are when it is killed in the middle of one). A recipient's one destination is not waited for
-as a whole: a stop's cancel cuts a lock wait, a command, a forward or a pass at once (pipe's rules for a command that
-has exited), and only a mailbox or file write under way is waited for, by its own uncut, which past the limit hands
-on the recipient's result to come the same way.
+the recipient's last and in a write (a mailbox's, a file's, virtual's for a pass: an uncut within the walk), it is
+left to end, and when it ends while qmgr records the results back the recipient's result is handed on
+(DeliveryRequest.settled_late) and recorded; else (another may follow it, or it is in a lock wait, a command, a
+forward or an LMTP pass) the delivery is cut off there, no destination after it started: the recipient stays
+queued, as the warning says (its parts done are then repeated by the retry, as local(8)'s are when it is killed in
+the middle of one). A recipient's one destination is not waited for as a whole: a stop's cancel cuts a lock wait,
+a command, a forward or a pass at once (pipe's rules for a command that has exited), and only a mailbox or file
+write under way is waited for, by its own uncut, which past the limit hands on the recipient's result to come the
+same way; a pass to virtual likewise, by virtual's own write uncut (its result made the recipient's by `_pass`).
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, ma
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
                                       command_status, run_shell_command)
-from mailflow.uncut import Late, settling_late, uncut
+from mailflow.uncut import Late, Within, settling_late, uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -265,7 +267,7 @@ class LocalTransport:
             parts, lists, tried = await uncut(
                 self._deliver_leaves(request, rcpt, met, filled, expansion, walk),
                 f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations",
-                late=_unless_more(walk, settling_late(request.settled_late, made)))
+                late=_unless_more(walk, settling_late(request.settled_late, made)), within=walk.writes)
         return self._recipient_result(rcpt, parts, lists, tried, expansion)
 
     def _recipient_result(self, rcpt: Recipient, parts: list[Part], lists: list[ListOf], leaves: list,
@@ -607,10 +609,12 @@ def _passed_settled(request: DeliveryRequest, reported: Callable[[RcptResult], R
 
 class _Walk:
     """`_deliver_leaves`'s word on a recipient's destinations for a stop's cut-off: `more()`, whether another may
-    still be started after the one under way."""
+    still be started after the one under way; `writes`, the write uncuts under way in it (a mailbox's, a file's, or
+    virtual's for a pass: none in a lock wait, a command, a forward or an LMTP pass)."""
 
     def __init__(self) -> None:
         self.more: Callable[[], bool] = partial(bool, False)
+        self.writes = Within()
 
 
 def _may_follow(met: list[Met], index: int, settled: set[tuple], tried: list) -> bool:
@@ -620,11 +624,12 @@ def _may_follow(met: list[Met], index: int, settled: set[tuple], tried: list) ->
 
 
 def _unless_more(walk: _Walk, late: Late) -> Late:
-    """`late` for a recipient's destinations, taken only when the one under way is the last (`walk.more()`): its end
-    makes the recipient's result. Else the cut-off cuts the delivery there, and uncut's warning says the recipient
-    stays queued (the destinations done are delivered again by the retry, as when local(8) is killed)."""
+    """`late` for a recipient's destinations, taken only when the one under way is the last (`walk.more()`) and is
+    in a write (`walk.writes`): its end makes the recipient's result. Else the cut-off cuts the delivery there (a
+    lock wait would go on and might begin its append after the stop), and uncut's warning says the recipient stays
+    queued (the destinations done are delivered again by the retry, as when local(8) is killed)."""
     def handed_on(running: asyncio.Future) -> bool:
-        return not walk.more() and late(running)
+        return not walk.more() and walk.writes.count > 0 and late(running)
     return handed_on
 
 
