@@ -106,7 +106,7 @@ import pwd
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, NamedTuple, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, NamedTuple, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -127,7 +127,7 @@ from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, ma
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
                                       command_status, run_shell_command)
-from mailflow.uncut import Late, Within, settling_late, uncut
+from mailflow.uncut import Late, SettleLate, Within, settling_late, uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -403,7 +403,8 @@ class LocalTransport:
             try:
                 await self._writer.write(path, prefix, request.content, _maildir_owner(owner, path, home),
                                          self._local.mailbox_size_limit, queue_id=request.queue_id,
-                                         **_late(request, sole, sent))
+                                         settle_late=_settle_late(request, sole),
+                                         late_results=_late_results(sole, sent))
             except OSError as e:
                 return Part(*write_failure(e))
             return sent
@@ -413,7 +414,8 @@ class LocalTransport:
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
                               home=None if owner is None else home, size_limit=self._local.mailbox_size_limit,
-                              create_parents=spool_made, queue_id=request.queue_id, **_late(request, sole, sent))
+                              create_parents=spool_made, queue_id=request.queue_id,
+                              settle_late=_settle_late(request, sole), late_results=_late_results(sole, sent))
         except DeliveryError as e:
             if not spool_made and not path.parent.is_dir():
                 return _spool_missing(path.parent)
@@ -457,7 +459,7 @@ class LocalTransport:
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
                               file_destination=True, workers=self._file_writers.run,
                               write_limit=self._local.command_time_limit, queue_id=request.queue_id,
-                              **_late(request, sole, sent))
+                              settle_late=_settle_late(request, sole), late_results=_late_results(sole, sent))
         except DeliveryError as e:
             return _failed(e, f"cannot append message to file {leaf.path}: ")  # (local/file.c's words)
         return sent
@@ -471,7 +473,8 @@ class LocalTransport:
             await deliver_maildir_file(Path(leaf.path), prefix, request.content, name=self._writer.unique_name(),
                                        user=as_user, size_limit=self._local.mailbox_size_limit,
                                        workers=self._file_writers.run, write_limit=self._local.command_time_limit,
-                                       queue_id=request.queue_id, **_late(request, sole, sent))
+                                       queue_id=request.queue_id, settle_late=_settle_late(request, sole),
+                                       late_results=_late_results(sole, sent))
         except DeliveryError as e:
             return _failed(e)
         return sent
@@ -561,13 +564,17 @@ class LocalTransport:
 _Sole = Callable[[Part], list[RcptResult]]  # a recipient's result from its one destination's part
 
 
-def _late(request: DeliveryRequest, sole: _Sole | None, sent: Part) -> dict[str, Any]:
-    """A write's `settle_late` and `late_results` when it is its recipient's one destination (`sole`): past a stop's
-    cut-off, the write is left to end and the recipient's result, `sent`, handed on (DeliveryRequest.settled_late);
-    none for one of several destinations (the uncut around them all hands theirs on)."""
-    if sole is None:
-        return {}
-    return {"settle_late": request.settled_late, "late_results": partial(sole, sent)}
+def _settle_late(request: DeliveryRequest, sole: _Sole | None) -> SettleLate | None:
+    """A write's `settle_late` when it is its recipient's one destination (`sole`): past a stop's cut-off, the write
+    is left to end and the recipient's result handed on (DeliveryRequest.settled_late); None for one of several
+    destinations (the uncut around them all hands theirs on)."""
+    return None if sole is None else request.settled_late
+
+
+def _late_results(sole: _Sole | None, sent: Part) -> Callable[[], list[RcptResult]]:
+    """A write's `late_results`: the recipient's result from its one destination's part, `sent` (none without
+    `sole`, whose write hands none on: `_settle_late`)."""
+    return list if sole is None else partial(sole, sent)
 
 
 def _list_of(leaf) -> ListOf:
