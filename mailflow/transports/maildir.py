@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from typing import TYPE_CHECKING, AsyncIterator, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -56,13 +56,15 @@ from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.encode import ToLf, encode
-from mailflow.uncut import SettleLate, settling_late, uncut
+from mailflow.uncut import Late, SettleLate, settling_late, uncut
 
 if TYPE_CHECKING:  # (local imports this module: at run time the name is only an annotation)
     from mailflow.transports.local.asuser import Progress
 
 Locate = Callable[[str], "Path | None"]
 log = logging.getLogger("mailflow.maildir")
+W = TypeVar("W")  # a write's result (what its new/ not synced was)
+R = TypeVar("R")
 
 
 def virtual_maildirs(base: str | Path, rewriter) -> Locate:
@@ -106,19 +108,29 @@ class MaildirWriter:
         def written(unsynced: OSError | None) -> None:
             if unsynced is not None:
                 warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
-
-        def made(unsynced: OSError | None) -> list[RcptResult]:
-            written(unsynced)
-            return late_results()
         written(await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit,
                                               queue_id=queue_id), f"{queue_id}: the write of {maildir}/new/{name}",
-                            late=None if settle_late is None else settling_late(settle_late, made)))
+                            late=written_late(settle_late, written, late_results)))
 
     def unique_name(self) -> str:
         """A file name for a new message: no other this process gives is the same."""
         now = self._clock.time()
         sec, usec = int(now), int((now % 1) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+
+
+def written_late(settle_late: SettleLate | None, written: Callable[[W], None],
+                 late_results: Callable[[], list[R]]) -> Late | None:
+    """The `late` of a Maildir write's uncut (none without `settle_late`): past a stop's cut-off the write is left
+    to end, its end told to `written` (the warning of a new/ not synced) and `late_results()` handed on
+    (uncut.settling_late)."""
+    if settle_late is None:
+        return None
+
+    def made(unsynced: W) -> list[R]:
+        written(unsynced)
+        return late_results()
+    return settling_late(settle_late, made)
 
 
 def warn_unsynced(queue_id: str, maildir: Path, name: str, why: str) -> None:

@@ -36,8 +36,8 @@ from mailflow.errors import PermanentError, TemporaryError
 from mailflow.model import Outcome
 from mailflow.transports.local.asuser import Progress, call_as
 from mailflow.transports.local.mbox import FILE_START_TIMEOUT, held_message
-from mailflow.transports.maildir import warn_unsynced, write_failure, write_maildir_file
-from mailflow.uncut import SettleLate, settling_late, uncut
+from mailflow.transports.maildir import warn_unsynced, write_failure, write_maildir_file, written_late
+from mailflow.uncut import SettleLate, uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -60,14 +60,10 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
     def written(unsynced: bytes) -> None:
         if unsynced:
             warn_unsynced(queue_id, maildir, name, unsynced.decode("utf-8", "replace"))
-
-    def made(unsynced: bytes) -> list:
-        written(unsynced)
-        return late_results()
     # (a stop's cancel waits for the write: the file is in new/ or not, and the result is handed on: mailflow.uncut)
     written(await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt),
                         f"{queue_id}: the write of {maildir}/new/{name}",
-                        late=None if settle_late is None else settling_late(settle_late, made)))
+                        late=written_late(settle_late, written, late_results)))
 
 
 def _written(maildir: Path, name: str, prefix: bytes, content: Content, size_limit: int, queue_id: str = "", *,
