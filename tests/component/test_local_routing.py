@@ -91,6 +91,32 @@ async def test_mailbox_transport_takes_the_mailbox_and_its_result_is_the_recipie
     assert maildir(tmp_path, "alice") == []
 
 
+class SaysFinal(Recording):
+    """A stand-in that says its results are final (DeliveryRequest.settled) before it reports, as the LMTP client
+    does at each 250 after DATA."""
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        report = await super().deliver(request)
+        request.settled(report.results)
+        return report
+
+
+@pytest.mark.parametrize("aliases, told", [("info: alice\n", ["info@example.test"]), ("info: \\info, bob\n", [])])
+async def test_a_pass_s_word_that_its_result_is_final_is_the_recipient_s_only_when_it_is_its_one_destination(
+        tmp_path, aliases, told):
+    """What the agent passed to says is final (qmgr records it if a stop cuts the delivery off) is made the
+    recipient's, as its result is, when the pass is the recipient's one destination: it was about the address
+    passed (alice), which qmgr does not take for info. One of several destinations says nothing: `info: \\info,
+    bob` passed info's own address, and qmgr took its word for the recipient info with bob's copy still to come
+    (local(8) passes with offset -1)."""
+    peer = SaysFinal()
+    t = routed(tmp_path, aliases, peers={"lmtp": peer}, mailbox_transport="lmtp:unix:private/dovecot-lmtp")
+    settled: list = []
+    await t.deliver(dataclasses.replace(request("info@example.test"), on_settled=settled.extend))
+    assert len(peer.requests) == 1 + (not told)
+    assert [(r.recipient.address, r.program) for r in settled] == [(address, "lmtp") for address in told]
+
+
 async def test_mailbox_transport_without_nexthop_uses_locals_and_takes_unknown_users_too(tmp_path):
     """local(8)'s mailbox.c passes before it looks the user up: Dovecot decides who exists."""
     peer = Recording(Outcome.BOUNCED, "5.1.1", "550 5.1.1 <ghost@example.test> User doesn't exist")
