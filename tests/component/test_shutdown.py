@@ -693,6 +693,49 @@ async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member
     assert [len(maildir_messages(tmp_path / "mail" / user / "Maildir")) for user in ("alice", "bob")] == [1, 1]
 
 
+async def _stop_cutting_off_a_held_write(tmp_path, monkeypatch, aliases: str, held_user: str | None):
+    """A stop whose cancel finds a Maildir write (`held_user`'s; None: any) held past UNCUT_LIMIT (0.3 s here)
+    for team@local.test, expanded by `aliases`; the write is let go at the cut-off. Returns the configuration (for
+    a restart, the write no longer held) and the cut-off's warnings."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+
+    def held_write(path, *args, **kwargs):
+        if held_user is None or path.parent.name == held_user:
+            writing.set()
+            release.wait(10)
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", held_write)
+    (tmp_path / "aliases").write_text(aliases)
+    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
+                               "myorigin": "local.test"})
+    warnings: list[str] = []
+
+    class CutOffs(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "still under way" in record.getMessage():
+                warnings.append(record.getMessage())
+                release.set()
+
+    cut_offs = CutOffs()
+    logging.getLogger().addHandler(cut_offs)
+    mf = Mailflow(config, shutdown_grace=0.5)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="the held write began")
+    finally:
+        try:
+            await asyncio.wait_for(mf.stop(), 10)
+        finally:
+            release.set()
+            logging.getLogger().removeHandler(cut_offs)
+            monkeypatch.setattr(maildir, "write_maildir_file", write)
+    return config, warnings
+
+
 @pytest.mark.parametrize("held_user", ["alice", "bob"])
 async def test_an_alias_s_write_cut_off_is_handed_on_only_when_it_is_the_last_destination(tmp_path, monkeypatch,
                                                                                             caplog, held_user):
@@ -700,34 +743,8 @@ async def test_an_alias_s_write_cut_off_is_handed_on_only_when_it_is_the_last_de
     alice's, with bob's still to come: the warning said team's result would be recorded if the write ended in
     time, but bob was never started and nothing was recorded. The cut-off now says team stays queued (the retry
     writes alice's copy again, as when local(8) is killed). bob's, the last: team's result is recorded."""
-    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
     caplog.set_level(logging.INFO, MAIL_LOGGER)
-    release, writing = threading.Event(), threading.Event()
-    write = maildir.write_maildir_file
-
-    def held_write(path, *args, **kwargs):
-        if path.parent.name == held_user:
-            writing.set()
-            release.wait(10)
-        return write(path, *args, **kwargs)
-
-    monkeypatch.setattr(maildir, "write_maildir_file", held_write)
-    (tmp_path / "aliases").write_text("team: alice, bob\n")
-    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
-                               "myorigin": "local.test"})
-    mf = Mailflow(config, shutdown_grace=0.5)
-    await mf.start()
-    try:
-        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
-        await eventually(writing.is_set, what="the held write began")
-        asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
-            release.set() or True), what="the cut-off"))
-    finally:
-        try:
-            await asyncio.wait_for(mf.stop(), 10)
-        finally:
-            release.set()
-    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    config, cut = await _stop_cutting_off_a_held_write(tmp_path, monkeypatch, "team: alice, bob\n", held_user)
     last = held_user == "bob"
     assert len(cut) == 1 and re.match(r"\w+: the delivery of <team@local.test> to its 2 destinations still under way "
                                       r"0.3s after a stop's cancel: " + ("its result is recorded if it ends" if last
@@ -738,7 +755,6 @@ async def test_an_alias_s_write_cut_off_is_handed_on_only_when_it_is_the_last_de
     await eventually(lambda: len(maildir_messages(mailboxes[0])) == 1, what="alice's write ended")
     assert len(maildir_messages(mailboxes[1])) == (1 if last else 0)
 
-    monkeypatch.setattr(maildir, "write_maildir_file", write)
     mf = Mailflow(config, shutdown_grace=0.1)
     await mf.start()
     try:
@@ -754,33 +770,8 @@ async def test_a_mailbox_write_cut_off_with_a_forward_to_follow_cuts_the_deliver
     held past UNCUT_LIMIT at a stop, is not team's last though it is the last place read. The cut-off says team
     stays queued and no forward is queued after it (handed on as the last, the forward was made after the stop's
     cut-off and team recorded sent)."""
-    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.3)
     caplog.set_level(logging.INFO)
-    release, writing = threading.Event(), threading.Event()
-    write = maildir.write_maildir_file
-
-    def held_write(path, *args, **kwargs):
-        writing.set()
-        release.wait(10)
-        return write(path, *args, **kwargs)
-
-    monkeypatch.setattr(maildir, "write_maildir_file", held_write)
-    (tmp_path / "aliases").write_text("team: bob@remote.test, alice\n")
-    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{tmp_path / 'aliases'}"],
-                               "myorigin": "local.test"})
-    mf = Mailflow(config, shutdown_grace=0.5)
-    await mf.start()
-    try:
-        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
-        await eventually(writing.is_set, what="alice's write began")
-        asyncio.get_running_loop().create_task(eventually(lambda: "still under way" in caplog.text and (
-            release.set() or True), what="the cut-off"))
-    finally:
-        try:
-            await asyncio.wait_for(mf.stop(), 10)
-        finally:
-            release.set()
-    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    _, cut = await _stop_cutting_off_a_held_write(tmp_path, monkeypatch, "team: bob@remote.test, alice\n", None)
     assert len(cut) == 1 and "cut off, the recipient stays queued" in cut[0], cut
     await eventually(lambda: len(maildir_messages(tmp_path / "mail" / "alice" / "Maildir")) == 1,
                      what="alice's write ended")
