@@ -313,3 +313,47 @@ async def test_a_services_own_settings_in_braces_override_the_main_ones_as_in_po
     assert mailflow == postfix == {"alice": "450 4.7.1 <alice@local.test>: Recipient address rejected: policy down"}
     assert [r["policy_context"] for r in mailflow_requests] == [r["policy_context"] for r in postfix_requests] == \
         ["per-service"]
+
+
+RAW = {  # the recipient's local part -> the reply's lines as the policy server writes them (its empty line follows)
+    "blank-before-the-name": " action=REJECT 5.7.1 spaced",
+    "blank-after-the-name": "action =REJECT 5.7.1 spaced",
+    "two-actions": "action=REJECT 5.7.1 first\naction=OK",
+    "another-attribute-first": "x=1\naction=REJECT 5.7.1 second line",
+}
+
+
+class RawPolicy(ScriptedPolicy):
+    """Writes each answer's lines as they are, not as one `action=` line."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while request := await read_request(reader):
+                local = request.get("recipient", "").partition("@")[0]
+                writer.write(f"{self.answers.get(local, 'action=DUNNO')}\n\n".encode())
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_reply_lines_are_read_as_postfix_reads_them(mailflow_server):
+    """An attribute's name is what stands before its `=`, blanks included (Postfix's attr_scan_plain): ` action`
+    and `action ` are not `action`, and a reply without one gets the default action (mailflow took both as the
+    action). Not compared: `action= REJECT …`, a blank after the `=`, which Postfix reads as a restriction list
+    (`reject`: Access denied) and mailflow as the action REJECT with its text."""
+    users = ",".join(f"{local}=ok" for local in RAW)
+    async with RawPolicy(RAW) as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": f"inline:{{{users}}}",
+            "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
+        }) as pf:
+            postfix = await replies(pf.port, RAW)
+        mf = await mailflow_server(local_recipient_maps=[f"inline:{{{users}}}"],
+                                   smtpd={"recipient_restrictions": [f"check_policy_service {policy.spec}"]})
+        mailflow = await replies(mf.smtp_addresses[0][1], RAW)
+    assert {local: reply for local, reply in mailflow.items() if reply != postfix[local]} == {}, postfix
+    assert postfix["blank-before-the-name"] == postfix["blank-after-the-name"].replace("after", "before") == \
+        "451 4.3.5 <blank-before-the-name@local.test>: Recipient address rejected: Server configuration problem"

@@ -59,11 +59,12 @@ def _one_line(value: object) -> str:
 
 
 def parse_reply(lines: list[str]) -> str:
-    """The `action` attribute of a reply (empty if its value is: Postfix takes that as OK); PolicyError when there
-    is none."""
+    """The first `action` attribute of a reply (empty if its value is: Postfix takes that as OK); PolicyError when
+    there is none. The name is what stands before the `=`, as Postfix's attr_scan_plain reads it: ` action` and
+    `action ` name other attributes, so such a reply has no action (the default action answers)."""
     for line in lines:
         name, eq, value = line.partition("=")
-        if eq and name.strip() == "action":
+        if eq and name == "action":
             return value.strip()
     raise PolicyError("reply without an action")
 
