@@ -70,6 +70,7 @@ Failures raise `sqlite3.Error` with SQLite's own message (engine.py: what a fail
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import sqlite3
@@ -215,7 +216,8 @@ class Store(OperatorQueries, RequeueQueries):
         try:
             await self._committer.write([(_GIVE_BACK, rows)])
         except Exception as e:
-            log.error("store: giving back %d claimed messages failed: %s; the next scan gives them back", len(rows), e)
+            log.error("store: giving back %d claimed messages (%s) failed: %s; the next scan gives them back",
+                      len(rows), _some_ids(row[-1] for row in rows), e)
             self._unreturned += rows
 
     async def record_results(self, queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> None:
@@ -656,6 +658,13 @@ _GIVE_BACK = (f"UPDATE message SET queue = CASE WHEN NOT requeue THEN ? WHEN {OW
               " from_logged = ? WHERE id = ? AND queue = 'active'")
 _SIDES = ("incoming", "deferred")  # a DUE row's `side`: the queue it was claimed from
 _FROM_LOGGED_AT = _MESSAGE_KINDS.names.index("from_logged")
+
+
+def _some_ids(ids: Iterable[str], shown: int = 10) -> str:
+    """The first `shown` queue ids, for a log line about several messages (and how many more)."""
+    listed = list(itertools.islice(ids, shown + 1))
+    more = " and more" if len(listed) > shown else ""
+    return ", ".join(listed[:shown]) + more
 
 
 def _as_scanned(row: tuple) -> tuple:

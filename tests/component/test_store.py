@@ -1326,8 +1326,8 @@ async def test_rows_a_failed_take_could_not_give_back_are_given_back_by_the_next
         await store.take(T0 + 1, 10)
     assert await store.counts() == {"active": 2}
     assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "mailflow.store"] == [
-        ("ERROR", "store: giving back 2 claimed messages failed: database or disk is full; the next scan gives them"
-                  " back")]
+        ("ERROR", "store: giving back 2 claimed messages (BIG, SMALL) failed: database or disk is full; the next scan"
+                  " gives them back")]
     monkeypatch.setattr(store._reader, "fetchall", read)
     monkeypatch.setattr(store._committer, "write", write)
     taken = await store.take(T0 + 1, 10)
@@ -1407,3 +1407,9 @@ async def test_recipients_of_one_original_in_a_row_share_its_str(store, monkeypa
         first = message.recipients[0].original
         assert all(r.original is first for r in message.recipients), message.queue_id
         assert [r.index for r in message.recipients] == list(range(len(message.recipients)))
+
+
+def test_a_log_line_about_several_messages_names_the_first_ten():
+    from mailflow.store.daemon import _some_ids
+    assert _some_ids(iter(["A", "B"])) == "A, B"
+    assert _some_ids(f"Q{i}" for i in range(12)) == ", ".join(f"Q{i}" for i in range(10)) + " and more"
