@@ -95,6 +95,11 @@ def test_a_macro_list_keeps_its_first_names_once_each_and_says_when_it_had_more(
     assert held.macro_lists_cut == (2, 3)
     assert negotiated((2, many), (2, b"i")).macro_lists_cut == ()
     assert negotiated((2, b"i," * p.MACRO_NAMES_LIMIT)).macro_lists_cut == ()
+    assert held.macro_stages_unknown == ()
+    # stages that are none (Postfix: "ignoring unknown macro type N" each): named once each, the first few only
+    odd = negotiated((9, b"i"), (2, b"i"), (9, b"j"), *((100 + n, b"x") for n in range(50)))
+    assert odd.macro_stages_unknown == (9, *range(100, 100 + p.UNKNOWN_STAGES_KEPT - 1))
+    assert odd.macros == {p.MAIL: {"i"}}
 
 
 def test_a_milter_asking_for_actions_not_offered_is_refused_as_postfix_does():

@@ -613,6 +613,7 @@ async def test_macro_lists_past_the_limit_are_cut_with_one_warning_and_their_fir
     kept ({rcpt_addr}, first, is sent), the rest ignored ({mail_addr}, last, is not), with one warning."""
     filler = b" ".join(b"x%d" % n for n in range(60_000))
     lists = struct.pack("!I", 2) + filler + b" {mail_addr}\0" + struct.pack("!I", 3) + b"{rcpt_addr} " + filler + b"\0"
+    lists += struct.pack("!I", 42) + b"{i}\0"  # (a stage that is none: Postfix's "ignoring unknown macro type")
     milter, port = await milter_server(negotiation=optneg(macros=lists))
     client = await SmtpClient.connect(port)
     await client.cmd("EHLO client.test")
@@ -624,6 +625,8 @@ async def test_macro_lists_past_the_limit_are_cut_with_one_warning_and_their_fir
     warnings = [r.getMessage() for r in caplog.records if "macro list" in r.getMessage()]
     assert warnings == [f"milter {milter.spec}: macro list of stage 2, 3 longer than {MACRO_NAMES_LIMIT} names: "
                         "the rest ignored"]
+    assert [r.getMessage() for r in caplog.records if "unknown macro" in r.getMessage()] == [
+        f"milter {milter.spec}: ignoring unknown macro type 42"]
 
 
 async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logged(milter_server, tmp_path, caplog):

@@ -179,6 +179,8 @@ class MilterConnection:
             if self.negotiated.macro_lists_cut:
                 log.warning("milter %s: macro list of stage %s longer than %d names: the rest ignored", self.spec,
                             ", ".join(map(str, self.negotiated.macro_lists_cut)), p.MACRO_NAMES_LIMIT)
+            for stage in self.negotiated.macro_stages_unknown:  # (Postfix's milter8: one warning a list)
+                log.warning("milter %s: ignoring unknown macro type %d", self.spec, stage)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 

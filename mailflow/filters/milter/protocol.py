@@ -55,6 +55,7 @@ STEPS = {
 # SMFIM_* macro stages of SETSYMLIST
 MACRO_STAGES = {0: CONNECT, 1: HELO, 2: MAIL, 3: RCPT, 4: DATA, 5: BODYEOB, 6: EOH}
 _MACRO_NAME = re.compile(rb"[^, \t\r\n]+")  # a SETSYMLIST list's names, as milter8's mystrtok(CHARS_COMMA_SP) splits it
+UNKNOWN_STAGES_KEPT = 10  # unknown SETSYMLIST stages named in the warning at most (a negotiation may give thousands)
 # the most names of one stage's list read, the rest ignored: Postfix keeps the list whole (up to its 1 MB packet) and
 # walks it at every event; a list past any macro a milter can be sent would cost each session memory and each event
 # time for nothing
@@ -170,13 +171,15 @@ class Negotiated:
     it is not sent, what it does not answer) and the macros it asked for per stage (SETSYMLIST: as Postfix 3.7's
     milter8 and MILTER_MACRO_EVAL, a stage not listed, or listed with an empty string, is sent the defaults; one
     listed with separators only is sent none), each a set of at most MACRO_NAMES_LIMIT names (the first ones
-    given); `macro_lists_cut`: the SMFIM_* stages whose list had more, the rest ignored."""
+    given); `macro_lists_cut`: the SMFIM_* stages whose list had more, the rest ignored; `macro_stages_unknown`: the
+    first UNKNOWN_STAGES_KEPT stage numbers given that are no SMFIM_* stage (ignored: Postfix warns of each)."""
 
     version: int
     actions: int
     protocol: int
     macros: dict[bytes, frozenset[str]]
     macro_lists_cut: tuple[int, ...] = ()
+    macro_stages_unknown: tuple[int, ...] = ()
 
     @classmethod
     def from_reply(cls, reply: Reply, offered_protocol: int = OFFERED_PROTOCOL) -> "Negotiated":
@@ -186,6 +189,7 @@ class Negotiated:
         if version < 2:
             raise ProtocolError(f"milter protocol version {version}")
         lists: dict[int, bytes] = {}  # each stage's last list (only it is read: a list is replaced whole)
+        unknown: dict[int, None] = {}  # (in the order given, each once, the first UNKNOWN_STAGES_KEPT)
         payload, at = reply.payload, 12
         while len(payload) - at >= 5:  # (read in place: taking each list off a copy of the rest cost its square)
             (stage,) = struct.unpack_from("!I", payload, at)
@@ -193,6 +197,8 @@ class Negotiated:
             end = len(payload) if end < 0 else end
             if stage in MACRO_STAGES:
                 lists[stage] = payload[at + 4:end]
+            elif len(unknown) < UNKNOWN_STAGES_KEPT:
+                unknown[stage] = None
             at = end + 1
         wanted: dict[bytes, frozenset[str]] = {}
         cut: list[int] = []
@@ -204,7 +210,7 @@ class Negotiated:
         if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
             raise ProtocolError(f"request mask {actions:#x} conflict with MTA request mask {OFFERED_ACTIONS:#x}")
         # a milter may answer with protocol bits that were not offered (rspamd does): only what was offered counts
-        return cls(version, actions, protocol & offered_protocol, wanted, tuple(cut))
+        return cls(version, actions, protocol & offered_protocol, wanted, tuple(cut), tuple(unknown))
 
     def skips(self, command: bytes) -> bool:
         return bool(self.protocol & STEPS[command][0])
