@@ -58,12 +58,15 @@ class ScriptedPolicy(PolicyServer):
             while request := await read_request(reader):
                 self.requests.append(request)
                 local = request.get("recipient", "").partition("@")[0]
-                writer.write(f"action={self.answers.get(local, 'DUNNO')}\n\n".encode())
+                writer.write(f"{self.reply_lines(local)}\n\n".encode())
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
+
+    def reply_lines(self, local: str) -> str:
+        return f"action={self.answers.get(local, 'DUNNO')}"
 
 
 async def replies(port: int, answers: dict[str, str] = ANSWERS) -> dict[str, str]:
@@ -326,17 +329,8 @@ RAW = {  # the recipient's local part -> the reply's lines as the policy server 
 class RawPolicy(ScriptedPolicy):
     """Writes each answer's lines as they are, not as one `action=` line."""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while request := await read_request(reader):
-                local = request.get("recipient", "").partition("@")[0]
-                writer.write(f"{self.answers.get(local, 'action=DUNNO')}\n\n".encode())
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    def reply_lines(self, local: str) -> str:
+        return self.answers.get(local, "action=DUNNO")
 
 
 async def test_reply_lines_are_read_as_postfix_reads_them(mailflow_server):
